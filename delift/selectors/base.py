@@ -1,0 +1,90 @@
+"""The selector interface: a small class, registered by name, that maps a stage's data to indices."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable
+
+from delift.errors import DeliftInputError
+
+SELECTORS: dict[str, type["Selector"]] = {}
+
+
+def register(name: str):
+    def wrap(cls):
+        cls.name = name
+        SELECTORS[name] = cls
+        return cls
+
+    return wrap
+
+
+def budget_for(n: int, fraction: float) -> int:
+    """round(fraction * n); a fraction outside (0, 1] or a budget that rounds to 0 is an error."""
+    if not (0.0 < fraction <= 1.0):
+        raise DeliftInputError(f"must be in (0, 1], got {fraction}", field="selector.fraction")
+    if n == 0:
+        raise DeliftInputError("the pool is empty", field="stage.pool")
+    budget = int(math.floor(fraction * n + 0.5))
+    if budget == 0:
+        raise DeliftInputError(f"fraction {fraction} of a pool of {n} rounds to 0 examples", field="selector.fraction")
+    return budget
+
+
+@dataclass
+class SelectionContext:
+    """Everything a selector may use. Models and embeddings load lazily, at most once."""
+
+    stage: str
+    pool: list[dict]
+    target: list[dict] = field(default_factory=list)
+    existing: list[dict] = field(default_factory=list)
+    seed: int = 0
+    cache_dir: str | None = None
+    output_dir: Path | None = None
+    model_spec: Any = None
+    embedder: Any = None
+    kernel_options: dict = field(default_factory=dict)
+    train_options: dict = field(default_factory=dict)
+    trainer_options: dict = field(default_factory=dict)
+    progress: bool = True
+    loader: Callable | None = None  # overrides model_spec.load (tests, the Python API)
+
+    @cached_property
+    def model(self):
+        """The LoadedModel (model, tokenizer, name, identity)."""
+        if self.loader is not None:
+            return self.loader()
+        if self.model_spec is None:
+            raise DeliftInputError("this selector needs a model, and none is configured", field="model")
+        return self.model_spec.load()
+
+
+@dataclass
+class Selection:
+    indices: list[int]
+    scores: list[float] | None = None  # per selected index, in order: gains or scores
+    objective_value: float | None = None
+    info: dict = field(default_factory=dict)
+
+
+class Selector:
+    """Base class. Subclasses set `name` through @register and implement `select`."""
+
+    name = "base"
+    trains = True  # False for `initial`: evaluate the base model untouched
+
+    def __init__(self, fraction: float = 0.3):
+        self.fraction = float(fraction)
+
+    def budget(self, n: int) -> int:
+        return budget_for(n, self.fraction)
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")} | {"name": self.name}
