@@ -54,11 +54,18 @@ class HubModel:
     revision: str | None = None
     dtype: str = "auto"
     trust_remote_code: bool = False
-    load_in_4bit: bool = False
+    load_in_4bit: bool | str = False  # "auto": QLoRA's 4-bit NF4 where CUDA and bitsandbytes exist
+
+    def quantized(self) -> bool:
+        if self.load_in_4bit == "auto":
+            import importlib.util
+
+            return torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
+        return bool(self.load_in_4bit)
 
     def identity(self) -> dict:
         return {"kind": "hub", "name": self.name, "revision": self.revision, "dtype": self.dtype,
-                "load_in_4bit": self.load_in_4bit}
+                "load_in_4bit": self.quantized()}
 
     def load(self) -> LoadedModel:
         kwargs = {"revision": self.revision, "trust_remote_code": self.trust_remote_code}
@@ -67,7 +74,7 @@ class HubModel:
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.name, **kwargs)
             model_kwargs = {"dtype": _dtype(self.dtype)}
-            if self.load_in_4bit:
+            if self.quantized():
                 model_kwargs["quantization_config"] = _nf4_config()
             model = AutoModelForCausalLM.from_pretrained(self.name, **kwargs, **model_kwargs)
         except OSError as err:

@@ -1,0 +1,25 @@
+"""Evaluation: prompts for the held-out records -> generation -> metrics."""
+
+from __future__ import annotations
+
+from delift.generation import generate
+from delift.metrics import score_predictions
+from delift.prompts import format_prompt
+
+
+def evaluate(model, tokenizer, records: list[dict], embedder, *, max_new_tokens: int = 64, batch_size: int = 8,
+             use_chat_template: bool = True, do_sample: bool = False, progress: bool = True,
+             demonstrations: list[list[dict]] | None = None) -> tuple[dict, list[dict]]:
+    """Generate for each record and score; returns (metrics, prediction rows).
+
+    `demonstrations[i]`, when given, are in-context examples placed before record i.
+    """
+    prompts = [format_prompt(tokenizer, rec, use_chat_template=use_chat_template,
+                             demonstrations=demonstrations[i] if demonstrations else ())
+               for i, rec in enumerate(records)]
+    predictions = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           do_sample=do_sample, progress=progress)
+    metrics, per_example = score_predictions(records, predictions, embedder)
+    rows = [{"id": rec["id"], "prompt": prompt, "prediction": pred, "reference": rec["output"], **scores}
+            for rec, prompt, pred, scores in zip(records, prompts, predictions, per_example)]
+    return metrics, rows

@@ -1,0 +1,35 @@
+"""Batched generation: greedy by default, left-padded, stops at EOS, prompts sorted by length."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, batch_size: int = 8,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, max_prompt_tokens: int = 1024,
+             progress: bool = True) -> list[str]:
+    """Continue each prompt; returns the new text only, in the order of `prompts`."""
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"][-max_prompt_tokens:] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
+    outputs: list[str] = [""] * len(prompts)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
+    for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch", disable=not progress):
+        batch = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]):] = 1
+        generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                   max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                   pad_token_id=tokenizer.pad_token_id, **sampling)
+        for row, i in enumerate(batch):
+            outputs[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
+    model.train(was_training)
+    return outputs
