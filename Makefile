@@ -1,0 +1,11 @@
+# `make run`: set up (once) and run the default job. `make test`: set up (once) and run the tests.
+.PHONY: setup run test bench
+
+setup:
+	@bash scripts/setup.sh
+
+run: setup
+	.venv/bin/python run.py $(ARGS)
+
+test: setup
+	.venv/bin/python -m pytest -q $(ARGS)
