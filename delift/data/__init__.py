@@ -1,0 +1,36 @@
+"""Data: user files, the paper's hub datasets, offline packaged benchmarks, and the stage builder.
+
+Every loader returns validated records {id, instruction, input, output, source, meta}.
+"""
+
+from delift.data.files import load_file
+from delift.data.hub import (
+    HUB_MAPPERS,
+    gsm8k_record,
+    hotpotqa_record,
+    load_hub,
+    mixinstruct_record,
+    mmlu_record,
+    p3_record,
+    squad_record,
+)
+from delift.data.packaged import load_gpqa_offline, load_gsm8k_offline, load_mmlu_offline, load_trivia_offline
+from delift.data.stages import StageData, build_stage
+
+__all__ = [
+    "HUB_MAPPERS",
+    "StageData",
+    "build_stage",
+    "gsm8k_record",
+    "hotpotqa_record",
+    "load_file",
+    "load_gpqa_offline",
+    "load_gsm8k_offline",
+    "load_hub",
+    "load_mmlu_offline",
+    "load_trivia_offline",
+    "mixinstruct_record",
+    "mmlu_record",
+    "p3_record",
+    "squad_record",
+]
