@@ -36,7 +36,8 @@ def _container(node) -> dict:
 
 def selection_context(cfg: DictConfig, stage, output_dir: Path) -> SelectionContext:
     return SelectionContext(
-        stage=stage.name, pool=stage.pool, target=stage.target, existing=stage.existing, seed=cfg.seed,
+        stage=stage.name, objective=stage.objective, pool=stage.pool, target=stage.target,
+        existing=stage.existing, seed=cfg.seed,
         cache_dir=cfg.paths.cache_dir, output_dir=output_dir, model_spec=instantiate(cfg.model),
         embedder=instantiate(cfg.embedder), kernel_options=_container(cfg.kernel),
         train_options=_container(cfg.train), trainer_options=_container(cfg.trainer), progress=cfg.progress,
@@ -57,6 +58,7 @@ def run(cfg: DictConfig) -> dict:
     """Run one job; returns the results dict also written to results.json."""
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     timings: dict[str, float] = {}
     started = time.perf_counter()
     import lightning as L

@@ -1,0 +1,30 @@
+"""Compose the real Hydra config in tests, as run.py would, with run folders under tmp_path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from tests.conftest import MODEL_CACHE
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose_config(overrides=(), output_dir=None, cache_dir=MODEL_CACHE):
+    """The composed, hydra-resolvable config for `overrides` (like `python run.py OVERRIDES`)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(ROOT)
+        cfg.paths.output_dir = str(output_dir or ROOT / "outputs" / "tests")
+        cfg.paths.cache_dir = str(cache_dir)
+        cfg.progress = False
+        del cfg["hydra"]  # run.py's config has no hydra node either; ${hydra:...} resolves via HydraConfig
+    return cfg

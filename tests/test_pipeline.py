@@ -1,0 +1,65 @@
+"""The pipeline end to end on the tiny random model, in-process and through run.py."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from delift.pipeline import run
+from tests.conftest import MODEL_CACHE
+from tests.helpers import ROOT, compose_config
+
+STAGES = ["instruction", "task", "continual"]
+FAST = ["trainer.max_steps=2", "eval.max_new_tokens=4", "logger=csv"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("selector", ["random", "full", "initial"])
+def test_every_stage_and_selector_end_to_end(stage, selector, tmp_path):
+    cfg = compose_config([f"stage={stage}", f"selector={selector}", "model=tiny_qwen2", *FAST], output_dir=tmp_path)
+    results = run(cfg)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"selection.json", "subset.jsonl", "predictions.jsonl", "results.json", "config_resolved.yaml"} <= files
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert saved["stage"] == stage and saved["selector"] == selector and saved["model"] == "tiny-qwen2"
+    assert set(saved["metrics"]) >= {"rouge1", "embed_sim"}
+    selection = json.loads((tmp_path / "selection.json").read_text())
+    subset = [json.loads(line) for line in (tmp_path / "subset.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in subset] == selection["ids"]
+    expected = {"random": round(0.3 * saved["n_pool"]), "full": saved["n_pool"], "initial": 0}[selector]
+    assert saved["n_selected"] == len(selection["indices"]) == expected
+    assert ("adapter" in files) == (selector != "initial")
+    predictions = (tmp_path / "predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == 24
+
+
+def test_same_config_same_selection_and_seed_changes_it(tmp_path):
+    def selection(seed, folder):
+        cfg = compose_config(["task=select", "selector=random", f"seed={seed}"], output_dir=folder)
+        run(cfg)
+        return json.loads((folder / "selection.json").read_text())
+
+    a, b, c = selection(0, tmp_path / "a"), selection(0, tmp_path / "b"), selection(1, tmp_path / "c")
+    assert a == b
+    assert a["ids"] != c["ids"]
+
+
+def _run_py(args, cwd, env_extra=None, timeout=600):
+    env = dict(os.environ, DELIFT_CACHE_DIR=MODEL_CACHE, WANDB_MODE="offline", **(env_extra or {}))
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_multirun_writes_one_wandb_run_per_job(tmp_path):
+    proc = _run_py(["-m", "model=tiny_qwen2", "selector=random,initial", "seed=0,1", "trainer.max_steps=1",
+                    "eval.max_new_tokens=2", "progress=false", f"paths.log_dir={tmp_path}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p for p in (tmp_path / "multiruns").glob("*/*/*") if (p / "results.json").exists())
+    assert len(jobs) == 4
+    runs = [run_dir for job in jobs for run_dir in (job / "wandb").glob("offline-run-*")]
+    assert len(runs) == 4 and len({r.name for r in runs}) == 4
+    assert {json.loads((j / "results.json").read_text())["selector"] for j in jobs} == {"random", "initial"}

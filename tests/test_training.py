@@ -1,0 +1,89 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from delift.generation import generate
+from delift.models import TinyRandomModel
+from delift.training import IGNORE_INDEX, collate, encode_example, finetune
+from tests.conftest import TINY_CONFIG
+
+LORA = {"r": 4, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
+
+
+def test_encode_masks_the_prompt_and_ends_with_eos(tiny_qwen2, toy_records):
+    tok = tiny_qwen2.tokenizer
+    ex = encode_example(tok, toy_records[0], max_length=256)
+    response = tok(toy_records[0]["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    n_prompt = len(ex["input_ids"]) - len(response)
+    assert ex["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert ex["labels"][n_prompt:] == response == ex["input_ids"][n_prompt:]
+
+
+def test_truncation_cuts_the_prompt_never_the_response(tiny_qwen2, toy_records):
+    record = dict(toy_records[3], input="word " * 400)
+    ex = encode_example(tiny_qwen2.tokenizer, record, max_length=64)
+    assert len(ex["input_ids"]) == 64
+    kept = [t for t in ex["labels"] if t != IGNORE_INDEX]
+    assert tiny_qwen2.tokenizer.decode(kept[:-1]) == record["output"]
+
+
+def test_collate_pads_right_and_masks():
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [9], "labels": [9]}], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [9, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [9, -100, -100]]
+
+
+def _fresh_tiny(smollm2_spec):
+    return TinyRandomModel(name="tiny", arch="qwen2", tokenizer_source=smollm2_spec, config=TINY_CONFIG).load()
+
+
+def _loss(model, tokenizer, records):
+    batch = collate([encode_example(tokenizer, r, 128) for r in records], tokenizer.pad_token_id)
+    with torch.no_grad():
+        return model(**batch).loss.item()
+
+
+def test_finetune_learns_and_writes_adapter_and_epoch_checkpoints(smollm2_spec, toy_records, tmp_path):
+    loaded = _fresh_tiny(smollm2_spec)
+    before = _loss(loaded.model, loaded.tokenizer, toy_records)
+    result = finetune(loaded, toy_records, lora=LORA, optim={"lr": 5e-3, "epochs": 3, "batch_size": 2,
+                                                             "max_length": 128},
+                      trainer_options={"enable_progress_bar": False, "accelerator": "cpu"},
+                      output_dir=tmp_path, seed=0, save_epoch_checkpoints=True)
+    after = _loss(result.model, loaded.tokenizer, toy_records)
+    assert after < before - 0.5, (before, after)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert [p.name for p in result.epoch_checkpoints] == ["epoch_1", "epoch_2", "epoch_3"]
+    assert result.epoch_lrs == [pytest.approx(5e-3)] * 3
+    state = json.loads((result.epoch_checkpoints[-1] / "state.json").read_text())
+    assert state["epoch"] == 3 and state["step"] == 9
+    moments = load_file(str(result.epoch_checkpoints[-1] / "optimizer.safetensors"))
+    trainable = {n for n, p in result.model.named_parameters() if p.requires_grad}
+    assert {k.split("/", 1)[1] for k in moments} == trainable
+    assert all(torch.all(v >= 0) for k, v in moments.items() if k.startswith("exp_avg_sq/"))
+
+
+def test_finetune_is_seeded(smollm2_spec, toy_records, tmp_path):
+    def adapter(seed, folder):
+        loaded = _fresh_tiny(smollm2_spec)
+        finetune(loaded, toy_records, lora=dict(LORA, dropout=0.1), optim={"lr": 1e-3, "epochs": 1,
+                                                                            "batch_size": 2, "max_length": 128},
+                 trainer_options={"enable_progress_bar": False, "accelerator": "cpu"}, output_dir=folder, seed=seed)
+        return load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+
+    a, b, c = adapter(0, tmp_path / "a"), adapter(0, tmp_path / "b"), adapter(1, tmp_path / "c")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_batched_greedy_generation_equals_one_at_a_time(tiny_qwen2):
+    prompts = ["Hello there", "A much longer prompt about the weather in spring", "Hi"]
+    batched = generate(tiny_qwen2.model, tiny_qwen2.tokenizer, prompts, max_new_tokens=8, batch_size=3,
+                       progress=False)
+    single = [generate(tiny_qwen2.model, tiny_qwen2.tokenizer, [p], max_new_tokens=8, progress=False)[0]
+              for p in prompts]
+    assert batched == single
+    assert all(isinstance(text, str) for text in batched)
