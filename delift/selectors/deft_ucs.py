@@ -1,0 +1,96 @@
+"""DEFT-UCS (Das & Khetan, 2023): unsupervised core-set selection by clustering sentence embeddings.
+
+k-means (K = 7) on the sentence embeddings of the pool; each cluster gets a share of the budget
+proportional to its size (largest remainders get the leftover examples, ties to the lower
+cluster index); within a cluster, `alpha` of its share are "easy" examples (closest to the
+centroid) and the rest "hard" (farthest). The paper sweeps this easy/hard mix; alpha = 0.5 is the
+balanced default here. Indices returned are positions in the pool (the reference port returned
+positions inside each cluster).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from sklearn.cluster import KMeans
+
+from delift.errors import DeliftInputError
+from delift.records import record_text
+from delift.selectors.base import Selection, SelectionContext, Selector, register
+
+
+def proportional_quotas(sizes, budget: int) -> list[int]:
+    """Split `budget` over clusters in proportion to `sizes` (largest remainders, ties to the lower index).
+
+    With budget <= sum(sizes) no share exceeds its cluster: floor(b s / n) + 1 <= s whenever b s / n
+    is fractional and below s.
+    """
+    sizes = [int(s) for s in sizes]
+    total = sum(sizes)
+    if not 0 <= budget <= total:
+        raise DeliftInputError(f"budget {budget} is not within the pool size {total}", field="selector.fraction")
+    quotas = [budget * s // total for s in sizes]  # integer arithmetic: remainders compare exactly
+    by_remainder = sorted(range(len(sizes)), key=lambda c: (-(budget * sizes[c] % total), c))
+    for c in by_remainder[: budget - sum(quotas)]:
+        quotas[c] += 1
+    return quotas
+
+
+def easy_hard_pick(distances: np.ndarray, members: np.ndarray, quota: int, alpha: float) -> tuple[list[int], list[int]]:
+    """From one cluster's `members` (dataset indices), the round(alpha * quota) closest to the
+    centroid and the remaining quota farthest from it; ties in distance go to the lower index."""
+    n_easy = int(math.floor(alpha * quota + 0.5))
+    n_hard = quota - n_easy
+    order = members[np.lexsort((members, distances))]  # nearest first
+    easy = [int(i) for i in order[:n_easy]]
+    far_first = members[np.lexsort((members, -distances))]
+    taken = set(easy)  # equal distances can put one example at both ends
+    hard = [int(i) for i in far_first if int(i) not in taken][:n_hard]
+    return easy, hard
+
+
+def deft_ucs_select(embeddings: np.ndarray, labels: np.ndarray, centroids: np.ndarray, budget: int,
+                    alpha: float) -> tuple[list[int], dict]:
+    """Dataset indices of the core-set, given a clustering; and per-cluster bookkeeping."""
+    labels = np.asarray(labels)
+    n_clusters = centroids.shape[0]
+    sizes = [int((labels == c).sum()) for c in range(n_clusters)]
+    quotas = proportional_quotas(sizes, budget)
+    picked, easy_all, hard_all = [], [], []
+    for c in range(n_clusters):
+        members = np.flatnonzero(labels == c)
+        if quotas[c] == 0:
+            continue
+        distances = np.linalg.norm(embeddings[members] - centroids[c], axis=1)
+        easy, hard = easy_hard_pick(distances, members, quotas[c], alpha)
+        easy_all += easy
+        hard_all += hard
+        picked += easy + hard
+    info = {"cluster_sizes": sizes, "quotas": quotas, "easy": sorted(easy_all), "hard": sorted(hard_all)}
+    return sorted(picked), info
+
+
+@register("deft_ucs")
+class DeftUCSSelector(Selector):
+    """`alpha`: share of each cluster's quota taken from its easy end (the rest from its hard end)."""
+
+    def __init__(self, fraction: float = 0.3, n_clusters: int = 7, alpha: float = 0.5, n_init: int = 10):
+        super().__init__(fraction)
+        if not 0.0 <= alpha <= 1.0:
+            raise DeliftInputError(f"must be in [0, 1], got {alpha}", field="selector.alpha")
+        if n_clusters < 1:
+            raise DeliftInputError(f"must be at least 1, got {n_clusters}", field="selector.n_clusters")
+        self.n_clusters = int(n_clusters)
+        self.alpha = float(alpha)
+        self.n_init = int(n_init)
+
+    def select(self, ctx: SelectionContext) -> Selection:
+        if ctx.embedder is None:
+            raise DeliftInputError("DEFT-UCS needs a sentence embedder, and none is configured", field="embedder")
+        budget = self.budget(len(ctx.pool))
+        embeddings = np.asarray(ctx.embedder.encode([record_text(r) for r in ctx.pool]), dtype=np.float64)
+        n_clusters = min(self.n_clusters, len(ctx.pool))  # k-means needs at least K points
+        kmeans = KMeans(n_clusters=n_clusters, n_init=self.n_init, random_state=ctx.seed).fit(embeddings)
+        indices, info = deft_ucs_select(embeddings, kmeans.labels_, kmeans.cluster_centers_, budget, self.alpha)
+        return Selection(indices=indices, info=info | {"n_clusters": n_clusters})

@@ -1,0 +1,142 @@
+"""LESS: the seeded blockwise projection, Adam preconditioning, lr weights, subtask scoring, and the full flow."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from safetensors.torch import save_file
+
+from delift.errors import DeliftInputError
+from delift.selectors import SELECTORS, SelectionContext
+from delift.selectors.less import (
+    PROJECTION_TILE_ROWS,
+    LESSSelector,
+    adam_preconditioned,
+    less_scores,
+    load_moments,
+    lr_weights,
+    project,
+    rademacher_matrix,
+    target_subtasks,
+)
+
+
+def test_projection_is_seeded_and_blockwise_equals_full():
+    dim, in_dim = 64, 2 * PROJECTION_TILE_ROWS + 123  # three tiles, the last one partial
+    vectors = torch.randn(3, in_dim, generator=torch.Generator().manual_seed(0))
+    matrix = rademacher_matrix(7, in_dim, dim)
+    assert matrix.shape == (in_dim, dim)
+    assert set(torch.unique(matrix).tolist()) == {-1 / 8, 1 / 8}  # +-1/sqrt(64)
+    torch.testing.assert_close(project(vectors, dim, seed=7), vectors @ matrix, rtol=1e-4, atol=1e-4)
+    assert torch.equal(rademacher_matrix(7, in_dim, dim), matrix)
+    assert not torch.equal(rademacher_matrix(8, in_dim, dim), matrix)
+    # a prefix of the coordinates sees the same rows: the matrix does not depend on D's other rows
+    assert torch.equal(rademacher_matrix(7, 100, dim), matrix[:100])
+
+
+def test_lr_weights_are_renormalised_epoch_lrs():
+    weights = lr_weights([2e-4, 1e-4, 1e-4])
+    np.testing.assert_allclose(weights, [0.5, 0.25, 0.25])
+    assert weights.sum() == pytest.approx(1.0)
+    with pytest.raises(DeliftInputError, match="lr"):
+        lr_weights([0.0, 0.0])
+
+
+def test_adam_preconditioning_on_a_hand_made_case():
+    grads = torch.tensor([[1.0, -2.0], [0.0, 0.0]])
+    exp_avg, exp_avg_sq = torch.tensor([0.1, 0.0]), torch.tensor([0.01, 0.04])
+    out = adam_preconditioned(grads, exp_avg, exp_avg_sq, betas=(0.9, 0.99), eps=1e-8)
+    # m' = 0.9 m + 0.1 g = (0.19, -0.2); v' = 0.99 v + 0.01 g^2 = (0.0199, 0.0796)
+    expected_first = [0.19 / (math.sqrt(0.0199) + 1e-8), -0.2 / (math.sqrt(0.0796) + 1e-8)]
+    # a zero gradient still moves along the stored momentum: m' = (0.09, 0), v' = (0.0099, 0.0396)
+    expected_second = [0.09 / (math.sqrt(0.0099) + 1e-8), 0.0]
+    torch.testing.assert_close(out, torch.tensor([expected_first, expected_second]), rtol=1e-6, atol=1e-7)
+
+
+def test_moments_are_read_by_parameter_name(tmp_path):
+    save_file({"exp_avg/b": torch.tensor([3.0]), "exp_avg_sq/b": torch.tensor([4.0]),
+               "exp_avg/a": torch.tensor([1.0, 2.0]), "exp_avg_sq/a": torch.tensor([5.0, 6.0])},
+              str(tmp_path / "optimizer.safetensors"))
+    (tmp_path / "state.json").write_text(json.dumps({"betas": [0.9, 0.999], "eps": 1e-8}))
+    exp_avg, exp_avg_sq, betas, eps = load_moments(tmp_path, ["a", "b"], "cpu")
+    assert exp_avg.tolist() == [1.0, 2.0, 3.0] and exp_avg_sq.tolist() == [5.0, 6.0, 4.0]
+    assert betas == (0.9, 0.999) and eps == 1e-8
+    with pytest.raises(DeliftInputError, match="exp_avg/c"):
+        load_moments(tmp_path, ["a", "c"], "cpu")
+
+
+def test_scores_weight_checkpoints_and_take_the_best_subtask():
+    e1, e2 = np.eye(2)
+    pool = [np.stack([e1, e2]), np.stack([e2, e2])]  # checkpoint 1, checkpoint 2: rows = pool examples
+    target = [np.stack([e1, e2, e2]), np.stack([e1, e2, e1])]  # targets: A, A, B
+    scores = less_scores(pool, target, weights=[0.75, 0.25], subtasks=["A", "A", "B"])
+    # pool 0: A = .75 * mean(1, 0) + .25 * mean(0, 1) = .5; B = .75 * 0 + .25 * 0 = 0 -> .5
+    # pool 1: A = .75 * .5 + .25 * .5 = .5; B = .75 * 1 + .25 * 0 = .75 -> .75
+    np.testing.assert_allclose(scores, [0.5, 0.75])
+    assert target_subtasks([{"meta": {"subtask": "algebra"}, "source": "mmlu"}, {"meta": {}, "source": "mmlu"}]) \
+        == ["algebra", "mmlu"]
+
+
+TRAIN = {"lora": {"r": 2, "alpha": 4, "dropout": 0.0}, "optim": {"lr": 1e-3, "batch_size": 2, "max_length": 64}}
+TRAINER = {"accelerator": "cpu", "enable_progress_bar": False}
+
+
+def test_identical_example_ranks_first_features_cached_model_restored(tiny_qwen2, toy_records, tmp_path,
+                                                                      monkeypatch):
+    assert SELECTORS["less"] is LESSSelector
+    target = [dict(toy_records[3], id="target/0")]
+    ctx = SelectionContext(stage="instruction", pool=toy_records, target=target, seed=0, loader=lambda: tiny_qwen2,
+                           cache_dir=str(tmp_path / "cache"), train_options=TRAIN, trainer_options=TRAINER,
+                           progress=False)
+    probe = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        before = tiny_qwen2.model(probe).logits
+    selector = LESSSelector(fraction=0.5, warmup_fraction=0.5, warmup_epochs=2, projection_dim=256)
+    selection = selector.select(ctx)
+
+    assert selection.indices[0] == 3 and len(selection.indices) == 3
+    assert selection.info["lr_weights"] == [0.5, 0.5]  # constant lr: both epochs weigh the same
+    assert len(selection.info["warmup_indices"]) == 3
+    cached = sorted(p.name for p in (tmp_path / "cache" / "less").glob("*/*.npy"))
+    assert len(cached) == 4 and sum(name.startswith("pool_") for name in cached) == 2
+    features = np.load(next((tmp_path / "cache" / "less").glob("*/pool_epoch1.npy")))
+    assert features.shape == (6, 256)
+    np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1.0, rtol=1e-5)
+
+    # the shared model is the base model again
+    assert not any("lora" in name for name, _ in tiny_qwen2.model.named_modules())
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_qwen2.model(probe).logits, before)
+
+    # served from the cache: no warm-up, same selection
+    monkeypatch.setattr("delift.training.finetune", lambda *a, **k: pytest.fail("the cache was not used"))
+    assert selector.select(ctx).indices == selection.indices
+
+
+def test_needs_targets_and_training_options(tiny_qwen2, toy_records):
+    ctx = SelectionContext(stage="instruction", pool=toy_records, loader=lambda: tiny_qwen2, train_options=TRAIN)
+    with pytest.raises(DeliftInputError, match="stage.target"):
+        LESSSelector().select(ctx)
+    ctx = SelectionContext(stage="instruction", pool=toy_records, target=toy_records[:1], loader=lambda: tiny_qwen2)
+    with pytest.raises(DeliftInputError, match="train_options.lora.r"):
+        LESSSelector().select(ctx)
+
+
+def test_warmup_subset_is_a_seeded_five_percent():
+    selector = LESSSelector(warmup_fraction=0.05)
+    warmup = selector.warmup_indices(100, seed=3)
+    assert len(warmup) == 5 and warmup == selector.warmup_indices(100, seed=3)
+    assert warmup != selector.warmup_indices(100, seed=4)
+
+
+def test_config_file_instantiates_the_selector():
+    selector = instantiate(OmegaConf.load(Path(__file__).parents[1] / "conf" / "selector" / "less.yaml"))
+    assert isinstance(selector, LESSSelector)
+    assert selector.fraction == 0.3 and selector.warmup_fraction == 0.05 and selector.projection_dim == 8192
