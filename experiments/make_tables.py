@@ -1,0 +1,477 @@
+"""Regenerate the paper's results tables (and a budget curve) from run folders.
+
+    python experiments/make_tables.py outputs/ multirun/ --out docs/results/mixinstruct_smollm2
+    python experiments/make_tables.py multirun/2025-01-01/ --fraction 0.5 --title "MixInstruct, 50 %"
+
+Every `results.json` under the given folders (searched recursively, so Hydra run and multirun
+folders both work) is one run; runs without metrics (`task=select`, `task=kernel`) are skipped.
+Runs are grouped by (selector, fraction); each cell is the mean ± sample standard deviation
+(ddof=1) over the seeds of that group. A cell measured on a single seed shows the mean alone (no
+±), and the caption names the rows with one seed. Missing cells are `–`, never 0.
+
+The main table holds one fraction: `--fraction`, or else the most common one among the subset
+selectors' runs (Full Data is always 100 %, Initial always 0 %). Rows follow the paper's order,
+then any other selector by name. Columns: ICL and fine-tuned x ROUGE / BGE / LAJ, plus accuracy
+for a mode where any run of the table has it. A results.json with only `metrics` (no
+`metrics_by_mode`) counts as the fine-tuned mode (its `mode` field, if any, says otherwise): that
+is what the pipeline evaluates after the selector's training step (none for Initial).
+
+Outputs with `--out PATH`: PATH.md (Markdown table and caption), PATH.tex (a booktabs table),
+PATH.json (the aggregated numbers, in table units) and, where a selector was run at several
+fractions, PATH_budget.png (metric against subset size). The Markdown is printed either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from delift.errors import DeliftInputError
+
+# Selector name -> row name, in the paper's row order.
+PAPER_ROWS = {
+    "initial": "Initial",
+    "random": "Random",
+    "selectit": "SelectIT",
+    "less": "LESS",
+    "deft_ucs": "DEFT-UCS",
+    "delift_se": "DELIFT (SE)",
+    "delift": "DELIFT",
+    "full": "Full Data",
+}
+# Selectors whose subset size is fixed whatever their config says.
+FIXED_FRACTIONS = {"initial": 0.0, "full": 1.0}
+MODES = {"icl": "ICL", "finetune": "Fine-tuned"}
+# results.json metric key -> (column label, factor to table units): ROUGE and BGE in percent as in the paper.
+METRICS = {"rouge1": ("ROUGE", 100.0), "embed_sim": ("BGE", 100.0), "laj": ("LAJ", 1.0), "accuracy": ("Acc.", 100.0)}
+ALWAYS_SHOWN = ("rouge1", "embed_sim", "laj")
+MISSING = "–"
+DEFAULT_CURVE_METRIC = "finetune/rouge1"
+
+
+@dataclass
+class Run:
+    """One results.json, reduced to what the tables need."""
+
+    path: Path
+    selector: str
+    fraction: float
+    seed: int
+    stage: str | None
+    model: str | None
+    experiment: str | None
+    n_pool: int | None
+    metrics_by_mode: dict[str, dict]
+    judge: dict | None
+    embedder: str | None
+
+
+def _fraction_of(results: dict, path: Path) -> float:
+    selector = results["selector"]
+    if selector in FIXED_FRACTIONS:
+        return FIXED_FRACTIONS[selector]
+    if results.get("fraction") is not None:
+        return round(float(results["fraction"]), 4)
+    if results.get("n_selected") is not None and results.get("n_pool"):
+        # Older runs did not record the fraction: the realised subset size is the next best thing.
+        return round(results["n_selected"] / results["n_pool"], 3)
+    raise DeliftInputError("no fraction (nor n_selected and n_pool) to place this run in a table",
+                           file=path, field="fraction")
+
+
+def _embedder_name(results: dict) -> str | None:
+    embedder = results.get("embedder")
+    if isinstance(embedder, dict):
+        return embedder.get("name")
+    return embedder
+
+
+def load_run(path: Path) -> Run | None:
+    """The run in `path`, or None when it has no metrics (a select-only or kernel-only job)."""
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DeliftInputError(f"not valid JSON ({err})", file=path) from err
+    if not isinstance(results, dict):
+        raise DeliftInputError("expected a JSON object", file=path)
+    if "metrics_by_mode" in results:
+        by_mode = {mode: metrics for mode, metrics in results["metrics_by_mode"].items() if metrics}
+    elif "metrics" in results:
+        by_mode = {results.get("mode", "finetune"): results["metrics"]}
+    else:
+        return None
+    unknown = set(by_mode) - set(MODES)
+    if unknown:
+        raise DeliftInputError(f"unknown evaluation mode(s) {sorted(unknown)}; expected {sorted(MODES)}",
+                               file=path, field="metrics_by_mode")
+    for mode, metrics in by_mode.items():
+        if not isinstance(metrics, dict):
+            raise DeliftInputError("expected an object of metric values", file=path, field=f"metrics_by_mode.{mode}")
+        for metric in METRICS:
+            value = metrics.get(metric)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise DeliftInputError(f"expected a number, got {value!r}", file=path, field=f"{mode}.{metric}")
+    for field in ("selector", "seed"):
+        if results.get(field) is None:
+            raise DeliftInputError("missing", file=path, field=field)
+    return Run(path=path, selector=results["selector"], fraction=_fraction_of(results, path), seed=int(results["seed"]),
+               stage=results.get("stage"), model=results.get("model"), experiment=results.get("experiment"),
+               n_pool=results.get("n_pool"), metrics_by_mode=by_mode, judge=results.get("judge"),
+               embedder=_embedder_name(results))
+
+
+def collect_runs(run_dirs: list[Path]) -> tuple[list[Run], int]:
+    """Every run with metrics under `run_dirs`, and how many results.json files had none."""
+    paths = []
+    for run_dir in run_dirs:
+        run_dir = Path(run_dir)
+        if not run_dir.exists():
+            raise DeliftInputError("no such folder", file=run_dir)
+        paths += [run_dir] if run_dir.is_file() else sorted(run_dir.rglob("results.json"))
+    if not paths:
+        raise DeliftInputError("no results.json under these folders", file=", ".join(map(str, run_dirs)))
+    runs, skipped, seen = [], 0, {}
+    for path in sorted(set(paths)):
+        run = load_run(path)
+        if run is None:
+            skipped += 1
+            continue
+        key = (run.selector, run.fraction, run.seed, run.model, run.stage, run.experiment)
+        if key in seen:
+            # Averaging a rerun with its original would count one seed twice.
+            raise DeliftInputError(f"same selector, fraction, seed, model and stage as {seen[key]}; "
+                                   "pass only one of the two folders", file=path)
+        seen[key] = path
+        runs.append(run)
+    if not runs:
+        raise DeliftInputError("none of the results.json files has metrics (only select/kernel jobs?)",
+                               file=", ".join(map(str, run_dirs)))
+    return runs, skipped
+
+
+def table_fraction(runs: list[Run], requested: float | None = None) -> float | None:
+    """The subset fraction of the main table: `requested`, else the most common one (ties: the smaller)."""
+    if requested is not None:
+        return round(float(requested), 4)
+    counts = Counter(run.fraction for run in runs if run.selector not in FIXED_FRACTIONS and run.fraction != 1.0)
+    if not counts:
+        return None
+    return min(counts, key=lambda fraction: (-counts[fraction], fraction))
+
+
+def row_order(selectors) -> list[str]:
+    """Paper rows first, in the paper's order, then any other selector by name."""
+    known = [name for name in PAPER_ROWS if name in selectors]
+    return known + sorted(set(selectors) - set(PAPER_ROWS))
+
+
+def row_name(selector: str) -> str:
+    return PAPER_ROWS.get(selector, selector)
+
+
+def summarize(values: list[float]) -> dict | None:
+    """Mean, sample std (ddof=1; None for one value) and count, or None when there is nothing."""
+    if not values:
+        return None
+    array = np.asarray(values, dtype=float)
+    std = float(array.std(ddof=1)) if len(array) > 1 else None
+    return {"mean": float(array.mean()), "std": std, "n": len(array)}
+
+
+def metric_values(runs: list[Run], mode: str, metric: str) -> list[float]:
+    """The metric of each run that has it, in table units."""
+    factor = METRICS[metric][1]
+    return [run.metrics_by_mode[mode][metric] * factor for run in runs
+            if run.metrics_by_mode.get(mode, {}).get(metric) is not None]
+
+
+def table_columns(runs: list[Run]) -> list[tuple[str, str]]:
+    """(mode, metric) pairs: the paper's three per mode, plus accuracy where any run has it."""
+    columns = []
+    for mode in MODES:
+        shown = list(ALWAYS_SHOWN)
+        if metric_values(runs, mode, "accuracy"):
+            shown.append("accuracy")
+        columns += [(mode, metric) for metric in shown]
+    return columns
+
+
+def _in_table(run: Run, fraction: float | None) -> bool:
+    return run.selector in FIXED_FRACTIONS or run.fraction == fraction
+
+
+def _names(values) -> list[str]:
+    return sorted({value for value in values if value})
+
+
+def _pct(fraction: float) -> str:
+    return f"{100 * fraction:g} %"
+
+
+def _judge_sentence(runs: list[Run]) -> str:
+    judges = defaultdict(bool)  # judge name -> whether any run used it as a stand-in
+    for run in runs:
+        if run.judge:
+            judges[run.judge.get("name") or "unnamed"] |= bool(run.judge.get("stand_in"))
+    if not judges:
+        has_laj = any(run.metrics_by_mode[mode].get("laj") is not None for run in runs for mode in run.metrics_by_mode)
+        return "LAJ judge: not recorded." if has_laj else ""
+    described = [f"{name} (stand-in judge, not Prometheus)" if stand_in else name
+                 for name, stand_in in sorted(judges.items())]
+    return f"LAJ judge: {', '.join(described)}."
+
+
+def _parse_failure_sentence(runs: list[Run]) -> str:
+    failures = judged = 0
+    for run in runs:
+        for metrics in run.metrics_by_mode.values():
+            failures += metrics.get("laj_parse_failures") or 0
+            judged += metrics.get("laj_n") or 0
+    if not failures:
+        return ""
+    out_of = f" of {judged}" if judged else ""
+    return f"LAJ parse failures: {failures}{out_of} judge replies could not be parsed (over all runs in the table)."
+
+
+def make_caption(runs: list[Run], rows: list[dict], columns: list[tuple[str, str]], fraction: float | None) -> str:
+    """What a reader needs to trust the numbers: setup, units, seeds, judge and its failures."""
+    models, stages = _names(r.model for r in runs), _names(r.stage for r in runs)
+    experiments, embedders = _names(r.experiment for r in runs), _names(r.embedder for r in runs)
+    pools = sorted({r.n_pool for r in runs if r.n_pool})
+    seeds = sorted({r.seed for r in runs})
+
+    setup = f"Model{'s' if len(models) > 1 else ''}: {', '.join(models) or 'not recorded'}. "
+    setup += f"Stage: {', '.join(stages) or 'not recorded'}"
+    setup += f" (experiment {', '.join(experiments)})." if experiments else "."
+    subsets = f"Subsets: {_pct(fraction)} of the pool" if fraction is not None else "No subset runs"
+    subsets += f" of {', '.join(map(str, pools))} examples" if pools else ""
+    present = {row["selector"] for row in rows}
+    subsets += "; Full Data uses all of it" if "full" in present else ""
+    subsets += "; Initial is the base model without fine-tuning." if "initial" in present else "."
+    modes = ("ICL = the model prompted with demonstrations from the subset; "
+             "Fine-tuned = after (Q)LoRA fine-tuning on the subset.")
+    units = "ROUGE = ROUGE-1 F1 x 100 and BGE = cosine similarity of sentence embeddings"
+    units += f" ({', '.join(embedders)})" if embedders else ""
+    units += " of prediction and reference x 100, both in percent as in the paper; LAJ = LLM-as-judge score (1-5)"
+    units += "; Acc. = accuracy in percent." if any(metric == "accuracy" for _, metric in columns) else "."
+    cells = (f"Cells: mean ± sample std (ddof=1) over seeds ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}: "
+             f"{', '.join(map(str, seeds))}); a cell without ± comes from a single seed (n=1); "
+             f"{MISSING} = not measured.")
+    single = [row["name"] for row in rows if row["n_seeds"] == 1]
+    single_seed = f"Single seed (n=1): {', '.join(single)}." if single and len(seeds) > 1 else ""
+    parts = [setup, subsets, modes, units, cells, single_seed, _judge_sentence(runs), _parse_failure_sentence(runs)]
+    return " ".join(part for part in parts if part)
+
+
+def build_table(runs: list[Run], fraction: float | None, title: str | None = None) -> dict:
+    """The main table as plain data: columns, rows with {mean, std, n} cells (table units), caption."""
+    in_table = [run for run in runs if _in_table(run, fraction)]
+    if fraction is not None and all(run.selector in FIXED_FRACTIONS for run in in_table):
+        raise DeliftInputError(f"no subset run at fraction {fraction} (fractions present: "
+                               f"{sorted({run.fraction for run in runs})})", field="--fraction")
+    columns = table_columns(in_table)
+    by_selector = defaultdict(list)
+    for run in in_table:
+        by_selector[run.selector].append(run)
+    rows = []
+    for selector in row_order(by_selector):
+        group = by_selector[selector]
+        cells = {f"{mode}/{metric}": summarize(metric_values(group, mode, metric)) for mode, metric in columns}
+        rows.append({"selector": selector, "name": row_name(selector), "fraction": group[0].fraction,
+                     "seeds": sorted(run.seed for run in group), "n_seeds": len(group), "cells": cells})
+    if title is None:
+        label = ", ".join(_names(r.experiment for r in in_table) or _names(r.stage for r in in_table)) or "results"
+        subset = f", subsets at {_pct(fraction)}" if fraction is not None else ""
+        title = f"{label}: {', '.join(_names(r.model for r in in_table)) or 'model not recorded'}{subset}"
+    return {"title": title, "fraction": fraction, "units": "ROUGE, BGE, accuracy in percent; LAJ 1-5",
+            "columns": [{"key": f"{mode}/{metric}", "mode": MODES[mode], "metric": METRICS[metric][0]}
+                        for mode, metric in columns],
+            "rows": rows, "caption": make_caption(in_table, rows, columns, fraction),
+            "sources": [str(run.path) for run in in_table]}
+
+
+def format_cell(cell: dict | None) -> str:
+    if cell is None:
+        return MISSING
+    if cell["std"] is None:
+        return f"{cell['mean']:.2f}"
+    return f"{cell['mean']:.2f} ± {cell['std']:.2f}"
+
+
+def to_markdown(table: dict) -> str:
+    header = ["Method"] + [f"{c['mode']} {c['metric']}" for c in table["columns"]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * len(table["columns"])) + "|"]
+    for row in table["rows"]:
+        cells = [format_cell(row["cells"][c["key"]]) for c in table["columns"]]
+        lines.append("| " + " | ".join([row["name"]] + cells) + " |")
+    caption = f"**Table: {table['title']}.** {table['caption']}"
+    return "\n".join(lines) + "\n\n" + caption + "\n"
+
+
+LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "±": r"$\pm$", "–": "--", "<": r"\textless{}", ">": r"\textgreater{}"}
+
+
+def latex_escape(text: str) -> str:
+    return "".join(LATEX_SPECIALS.get(char, char) for char in str(text))
+
+
+def _latex_cell(cell: dict | None) -> str:
+    if cell is None:
+        return "--"
+    if cell["std"] is None:
+        return f"{cell['mean']:.2f}"
+    return f"${cell['mean']:.2f} \\pm {cell['std']:.2f}$"
+
+
+def to_latex(table: dict, label: str = "results") -> str:
+    columns = table["columns"]
+    spans = []  # (mode, first column, last column), 1-based after the Method column
+    for index, column in enumerate(columns, start=2):
+        if spans and spans[-1][0] == column["mode"]:
+            spans[-1][2] = index
+        else:
+            spans.append([column["mode"], index, index])
+    lines = ["% Generated by experiments/make_tables.py; edit the runs, not this file.",
+             r"\begin{table}[t]", r"\centering",
+             r"\begin{tabular}{l" + "".join(" " + "c" * (last - first + 1) for _, first, last in spans) + "}",
+             r"\toprule",
+             " & " + " & ".join(rf"\multicolumn{{{last - first + 1}}}{{c}}{{{latex_escape(mode)}}}"
+                                for mode, first, last in spans) + r" \\",
+             " ".join(rf"\cmidrule(lr){{{first}-{last}}}" for _, first, last in spans),
+             "Method & " + " & ".join(latex_escape(c["metric"]) for c in columns) + r" \\",
+             r"\midrule"]
+    for row in table["rows"]:
+        cells = [_latex_cell(row["cells"][c["key"]]) for c in columns]
+        lines.append(" & ".join([latex_escape(row["name"])] + cells) + r" \\")
+    safe_label = re.sub(r"[^A-Za-z0-9:_-]", "-", label)
+    lines += [r"\bottomrule", r"\end{tabular}",
+              rf"\caption{{\textbf{{{latex_escape(table['title'])}.}} {latex_escape(table['caption'])}}}",
+              rf"\label{{tab:{safe_label}}}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def _curve_key(runs: list[Run], requested: str) -> str | None:
+    """`requested` ("mode/metric") if any run has it; a fine-tuned metric falls back to its ICL twin."""
+    mode, _, metric = requested.partition("/")
+    if mode not in MODES or metric not in METRICS:
+        raise DeliftInputError(f"expected MODE/METRIC with MODE in {sorted(MODES)} and METRIC in {sorted(METRICS)}, "
+                               f"got {requested!r}", field="--curve-metric")
+    if metric_values(runs, mode, metric):
+        return requested
+    if mode == "finetune" and metric_values(runs, "icl", metric):
+        return f"icl/{metric}"
+    return None
+
+
+def budget_curves(runs: list[Run], requested: str = DEFAULT_CURVE_METRIC) -> dict | None:
+    """Per subset selector, the metric at each fraction; None unless some selector has several fractions."""
+    key = _curve_key(runs, requested)
+    if key is None:
+        return None
+    mode, metric = key.split("/")
+    by_group = defaultdict(list)
+    for run in runs:
+        by_group[(run.selector, run.fraction)].append(run)
+    lines = defaultdict(list)
+    references = {}
+    for (selector, fraction), group in sorted(by_group.items()):
+        summary = summarize(metric_values(group, mode, metric))
+        if summary is None:
+            continue
+        if selector in FIXED_FRACTIONS:
+            references[selector] = summary
+        else:
+            lines[selector].append({"fraction": fraction, **summary})
+    if not any(len(points) > 1 for points in lines.values()):
+        return None
+    label, factor = METRICS[metric]
+    source = ", ".join(_names(r.experiment for r in runs) or _names(r.stage for r in runs))
+    return {"metric": key, "label": f"{MODES[mode]} {label}" + (" (%)" if factor == 100.0 else ""),
+            "title": f"Budget curve: {source}, {', '.join(_names(r.model for r in runs))}".rstrip(", "),
+            "selectors": {selector: lines[selector] for selector in row_order(lines)}, "references": references}
+
+
+def plot_budget(curves: dict, path: Path) -> Path:
+    """Metric against subset size (% of the pool): mean line and ±std band per selector; Full/Initial as references."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for selector, points in curves["selectors"].items():
+        x = np.array([100 * p["fraction"] for p in points])
+        mean = np.array([p["mean"] for p in points])
+        std = np.array([p["std"] if p["std"] is not None else 0.0 for p in points])
+        (line,) = ax.plot(x, mean, marker="o", label=row_name(selector))
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+    styles = {"full": ("--", "black"), "initial": (":", "gray")}
+    for selector, summary in curves["references"].items():
+        linestyle, color = styles[selector]
+        ax.axhline(summary["mean"], linestyle=linestyle, color=color, label=row_name(selector))
+    ax.set(xlabel="subset size (% of the pool)", ylabel=curves["label"], title=curves["title"])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(table: dict, curves: dict | None, out: Path) -> list[Path]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    aggregated = json.dumps({**table, "budget_curves": curves}, indent=2, ensure_ascii=False) + "\n"
+    for suffix, text in ((".md", to_markdown(table)), (".tex", to_latex(table, label=out.name)), (".json", aggregated)):
+        path = out.with_name(out.name + suffix)
+        path.write_text(text, encoding="utf-8")
+        written.append(path)
+    if curves is not None:
+        written.append(plot_budget(curves, out.with_name(out.name + "_budget.png")))
+    return written
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dirs", nargs="+", type=Path, help="folders searched recursively for results.json")
+    parser.add_argument("--out", type=Path, help="output path without suffix, e.g. docs/results/mixinstruct")
+    parser.add_argument("--title", help="table title (default: experiment, model and fraction)")
+    parser.add_argument("--fraction", type=float, help="subset fraction of the main table (default: the most common)")
+    parser.add_argument("--curve-metric", default=DEFAULT_CURVE_METRIC,
+                        help="MODE/METRIC of the budget curve, e.g. icl/embed_sim (default: %(default)s)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        runs, skipped = collect_runs(args.run_dirs)
+        fraction = table_fraction(runs, args.fraction)
+        table = build_table(runs, fraction, args.title)
+        curves = budget_curves(runs, args.curve_metric)
+    except DeliftInputError as err:
+        print(f"make_tables: error: {err}", file=sys.stderr)
+        return 2
+    if skipped:
+        print(f"make_tables: skipped {skipped} results.json without metrics (select/kernel jobs)", file=sys.stderr)
+    if len(_names(run.model for run in runs)) > 1 or len(_names(run.stage for run in runs)) > 1:
+        print("make_tables: warning: the runs span several models or stages; rows average over all of them",
+              file=sys.stderr)
+    print(to_markdown(table))
+    if args.out:
+        for path in write_outputs(table, curves, args.out):
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""experiments/make_tables.py: paper-order rows, mean ± std cells, captions, LaTeX, budget curve, CLI."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "make_tables.py"
+_spec = importlib.util.spec_from_file_location("make_tables", SCRIPT)
+make_tables = importlib.util.module_from_spec(_spec)
+sys.modules["make_tables"] = make_tables  # dataclasses look their module up there
+_spec.loader.exec_module(make_tables)
+
+JUDGE = {"name": "SmolLM2-135M-Instruct", "stand_in": True}
+
+
+def _write_run(folder: Path, selector: str, seed: int, fraction: float, *, icl=None, finetune=None, **extra):
+    by_mode = {mode: metrics for mode, metrics in (("icl", icl), ("finetune", finetune)) if metrics is not None}
+    results = {"stage": "instruction", "selector": selector, "model": "SmolLM2-135M-Instruct", "n_pool": 28,
+               "n_selected": round(fraction * 28), "seed": seed, "fraction": fraction,
+               "experiment": "embedded_instruction", "metrics": next(iter(by_mode.values())),
+               "metrics_by_mode": by_mode, "embedder": {"name": "all-MiniLM-L6-v2", "packaged": True},
+               "timings": {"total": 1.0}} | extra
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(results))
+
+
+def _metrics(rouge1, embed_sim, laj=None, **extra):
+    metrics = {"rouge1": rouge1, "embed_sim": embed_sim} | extra
+    if laj is not None:
+        metrics |= {"laj": laj, "laj_weighted": laj, "laj_parse_failures": 1, "laj_n": 10}
+    return metrics
+
+
+def _write_grid(root: Path, with_curve: bool = True):
+    """A multirun-like tree with known numbers; selectors written out of paper order on purpose."""
+    job = iter(range(1000))
+
+    def folder():
+        return root / "multirun" / "2025-01-01" / str(next(job))
+
+    for seed, (r, e, l) in enumerate([(0.40, 0.80, 3.0), (0.42, 0.81, 3.5), (0.44, 0.82, 4.0)]):
+        _write_run(folder(), "random", seed, 0.3, icl=_metrics(r, e, l), finetune=_metrics(r + 0.1, e, l),
+                   judge=JUDGE)
+        _write_run(folder(), "delift", seed, 0.3, icl=_metrics(r + 0.1, e + 0.1, accuracy=0.5 + 0.1 * seed),
+                   finetune=_metrics(r + 0.2, e + 0.1))
+        _write_run(folder(), "full", seed, 1.0, icl=_metrics(0.6, 0.9), finetune=_metrics(0.7, 0.95))
+        # Initial keeps the configured fraction in its results: it must still land in the 30 % table.
+        _write_run(folder(), "initial", seed, 0.3, icl=_metrics(0.2, 0.7), finetune=_metrics(0.3, 0.75))
+    for seed in (0, 1):
+        _write_run(folder(), "less", seed, 0.3, finetune=_metrics(0.5 + 0.02 * seed, 0.85))  # no ICL mode
+        _write_run(folder(), "my_sel", seed, 0.3, icl=_metrics(0.3, 0.7), finetune=_metrics(0.3, 0.7))
+    _write_run(folder(), "deft_ucs", 0, 0.3, icl=_metrics(0.45, 0.83), finetune=_metrics(0.48, 0.84))
+    if with_curve:
+        for fraction, rouge1 in ((0.1, 0.3), (0.5, 0.6)):
+            for seed in (0, 1):
+                _write_run(folder(), "random", seed, fraction, icl=_metrics(rouge1, 0.8),
+                           finetune=_metrics(rouge1 + 0.01 * seed, 0.8))
+    # A select-only job: no metrics, skipped.
+    select_only = folder()
+    select_only.mkdir(parents=True)
+    (select_only / "results.json").write_text(json.dumps({"stage": "instruction", "selector": "random", "seed": 0}))
+    return root
+
+
+@pytest.fixture
+def grid(tmp_path):
+    return _write_grid(tmp_path / "runs")
+
+
+def _table(root, fraction=None):
+    runs, skipped = make_tables.collect_runs([root])
+    return make_tables.build_table(runs, make_tables.table_fraction(runs, fraction)), runs, skipped
+
+
+def _cells(table, name):
+    row = next(row for row in table["rows"] if row["name"] == name)
+    return {key: make_tables.format_cell(cell) for key, cell in row["cells"].items()}
+
+
+def test_rows_in_paper_order_with_mean_std_and_missing_cells(grid):
+    table, runs, skipped = _table(grid)
+    assert skipped == 1
+    assert table["fraction"] == 0.3  # 3 + 3 + 2 + 2 + 1 runs at 30 % against 2 at 10 % and 50 %
+    assert [row["name"] for row in table["rows"]] == ["Initial", "Random", "LESS", "DEFT-UCS", "DELIFT", "Full Data",
+                                                     "my_sel"]
+    random = _cells(table, "Random")
+    assert random["icl/rouge1"] == "42.00 ± 2.00"
+    assert random["icl/embed_sim"] == "81.00 ± 1.00"
+    assert random["icl/laj"] == "3.50 ± 0.50"
+    assert random["finetune/rouge1"] == "52.00 ± 2.00"
+    assert random["finetune/laj"] == "3.50 ± 0.50"
+    assert _cells(table, "DELIFT")["finetune/laj"] == "–"
+    less = _cells(table, "LESS")
+    assert less["icl/rouge1"] == less["icl/embed_sim"] == less["icl/laj"] == "–"
+    assert less["finetune/rouge1"] == "51.00 ± 1.41"  # 50 and 52: sample std sqrt(2)
+    assert _cells(table, "DEFT-UCS")["finetune/rouge1"] == "48.00"  # one seed: no ±
+    assert _cells(table, "Full Data")["finetune/embed_sim"] == "95.00 ± 0.00"
+    # Accuracy only where a run has it: the ICL block, not the fine-tuned one.
+    assert [c["key"] for c in table["columns"]] == ["icl/rouge1", "icl/embed_sim", "icl/laj", "icl/accuracy",
+                                                    "finetune/rouge1", "finetune/embed_sim", "finetune/laj"]
+    assert _cells(table, "DELIFT")["icl/accuracy"] == "60.00 ± 10.00"
+    assert _cells(table, "Random")["icl/accuracy"] == "–"
+
+
+def test_caption_names_judge_embedder_seeds_and_parse_failures(grid):
+    table, _, _ = _table(grid)
+    caption = table["caption"]
+    assert "SmolLM2-135M-Instruct (stand-in judge, not Prometheus)" in caption
+    assert "all-MiniLM-L6-v2" in caption
+    assert "3 seeds: 0, 1, 2" in caption
+    assert "Single seed (n=1): DEFT-UCS." in caption
+    assert "6 of 60 judge replies could not be parsed" in caption  # 3 random runs x 2 modes x 1 failure of 10
+    assert "30 % of the pool of 28 examples" in caption
+    assert "x 100" in caption and "percent" in caption
+    markdown = make_tables.to_markdown(table)
+    assert markdown.splitlines()[0].startswith("| Method | ICL ROUGE | ICL BGE | ICL LAJ | ICL Acc. | Fine-tuned ROUGE")
+    assert "| Random | 42.00 ± 2.00 | 81.00 ± 1.00 | 3.50 ± 0.50 | – |" in markdown
+
+
+def test_latex_escapes_names_and_uses_booktabs(grid):
+    assert make_tables.latex_escape("a_b & 50% {x} #1 ~^\\") == (
+        r"a\_b \& 50\% \{x\} \#1 \textasciitilde{}\textasciicircum{}\textbackslash{}")
+    table, _, _ = _table(grid)
+    tex = make_tables.to_latex(table, label="mix instruct")
+    assert r"my\_sel & " in tex and "my_sel" not in tex
+    assert r"Random & $42.00 \pm 2.00$ & $81.00 \pm 1.00$ & $3.50 \pm 0.50$ & -- & $52.00 \pm 2.00$" in tex
+    assert r"DEFT-UCS & 45.00 & 83.00 & -- &" in tex
+    for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\cmidrule(lr){2-5}", r"\cmidrule(lr){6-8}"):
+        assert rule in tex
+    assert r"\multicolumn{4}{c}{ICL} & \multicolumn{3}{c}{Fine-tuned}" in tex
+    assert r"\label{tab:mix-instruct}" in tex
+    assert "±" not in tex and "–" not in tex  # both rewritten for LaTeX
+    assert r"mean $\pm$ sample std" in tex
+
+
+def test_fraction_option_and_budget_curves(grid):
+    table, runs, _ = _table(grid, fraction=0.5)
+    assert [row["name"] for row in table["rows"]] == ["Initial", "Random", "Full Data"]
+    assert _cells(table, "Random")["finetune/rouge1"] == "60.50 ± 0.71"
+    curves = make_tables.budget_curves(runs)
+    assert curves["metric"] == "finetune/rouge1"
+    points = curves["selectors"]["random"]
+    assert [p["fraction"] for p in points] == [0.1, 0.3, 0.5]
+    assert [round(p["mean"], 2) for p in points] == [30.5, 52.0, 60.5]
+    assert list(curves["selectors"])[:2] == ["random", "less"]  # paper order, then others
+    assert round(curves["references"]["full"]["mean"], 2) == 70.0
+    assert round(curves["references"]["initial"]["mean"], 2) == 30.0
+    # No fine-tuned values at all: the curve falls back to the ICL metric.
+    for run in runs:
+        run.metrics_by_mode.pop("finetune", None)
+    assert make_tables.budget_curves(runs)["metric"] == "icl/rouge1"
+
+
+def test_no_budget_png_with_one_fraction(tmp_path):
+    root = _write_grid(tmp_path / "runs", with_curve=False)
+    out = tmp_path / "results" / "single"
+    assert make_tables.main([str(root), "--out", str(out)]) == 0
+    assert out.with_name("single.md").exists() and out.with_name("single.tex").exists()
+    assert not out.with_name("single_budget.png").exists()
+    assert json.loads(out.with_name("single.json").read_text())["budget_curves"] is None
+
+
+def test_cli_writes_all_outputs(grid, tmp_path):
+    out = tmp_path / "docs" / "results" / "mix"
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(grid), "--out", str(out), "--title", "MixInstruct"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "| Random | 42.00 ± 2.00 |" in proc.stdout
+    assert "**Table: MixInstruct.**" in proc.stdout
+    assert "skipped 1 results.json without metrics" in proc.stderr
+    png = out.with_name("mix_budget.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    saved = json.loads(out.with_name("mix.json").read_text())
+    random = next(row for row in saved["rows"] if row["selector"] == "random")
+    assert random["seeds"] == [0, 1, 2]
+    assert random["cells"]["icl/rouge1"]["mean"] == pytest.approx(42.0)
+    assert random["cells"]["icl/rouge1"]["std"] == pytest.approx(2.0)
+    assert random["cells"]["icl/accuracy"] is None
+    assert out.with_name("mix.md").read_text().startswith("| Method |")
+    assert r"\begin{tabular}" in out.with_name("mix.tex").read_text()
+
+
+def test_bad_inputs_give_one_error_line(tmp_path):
+    root = _write_grid(tmp_path / "runs", with_curve=False)
+    broken = root / "broken"
+    broken.mkdir()
+    (broken / "results.json").write_text('{"selector": "random", ')
+    assert make_tables.main([str(root)]) == 2
+    with pytest.raises(make_tables.DeliftInputError, match="broken/results.json"):
+        make_tables.collect_runs([root])
+    (broken / "results.json").unlink()
+    _write_run(broken / "rerun", "random", 0, 0.3, icl=_metrics(0.4, 0.8))
+    with pytest.raises(make_tables.DeliftInputError, match="same selector, fraction, seed"):
+        make_tables.collect_runs([root])
+    with pytest.raises(make_tables.DeliftInputError, match="--curve-metric"):
+        make_tables.budget_curves(make_tables.collect_runs([root / "multirun"])[0], "finetune/bleu")
+    with pytest.raises(make_tables.DeliftInputError, match="no subset run at fraction 0.7"):
+        runs, _ = make_tables.collect_runs([root / "multirun"])
+        make_tables.build_table(runs, 0.7)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(make_tables.DeliftInputError, match="no results.json"):
+        make_tables.collect_runs([tmp_path / "empty"])
+
+
+def test_results_without_modes_or_fraction(tmp_path):
+    """What the pipeline wrote before metrics_by_mode: `metrics` is the fine-tuned mode, the fraction is inferred."""
+    for seed, rouge1 in ((0, 0.25), (1, 0.35)):
+        folder = tmp_path / "outputs" / f"run{seed}"
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps(
+            {"stage": "instruction", "selector": "delift", "model": "m", "n_pool": 20, "n_selected": 6, "seed": seed,
+             "metrics": {"rouge1": rouge1, "embed_sim": 0.5}}))
+    table, runs, _ = _table(tmp_path / "outputs")
+    assert table["fraction"] == 0.3
+    assert _cells(table, "DELIFT")["finetune/rouge1"] == "30.00 ± 7.07"
+    assert _cells(table, "DELIFT")["icl/rouge1"] == "–"
+    assert "LAJ judge" not in table["caption"]
+    (tmp_path / "outputs" / "run1" / "results.json").write_text(json.dumps(
+        {"selector": "delift", "seed": 1, "fraction": 0.3, "metrics": {"rouge1": "high"}}))
+    with pytest.raises(make_tables.DeliftInputError, match="field 'finetune.rouge1'"):
+        make_tables.collect_runs([tmp_path / "outputs"])
