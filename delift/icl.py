@@ -1,0 +1,24 @@
+"""In-context prompting with the selected subset: each query gets its k nearest selected examples.
+
+Nearness is the cosine of sentence embeddings of the prompts (instruction + input); the
+demonstrations are placed most similar first, ties broken by subset order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from delift.records import record_prompt
+
+
+def nearest_demonstrations(queries: list[dict], selected: list[dict], embedder, k: int = 5) -> list[list[dict]]:
+    """For each query, up to k selected records, most similar first (an empty list if none selected)."""
+    if not selected or k <= 0:
+        return [[] for _ in queries]
+    query_vectors = embedder.encode([record_prompt(q) for q in queries])
+    pool_vectors = embedder.encode([record_prompt(s) for s in selected])
+    similarity = query_vectors @ pool_vectors.T
+    k = min(k, len(selected))
+    # A stable sort on -similarity keeps the subset order among equal similarities.
+    order = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+    return [[selected[j] for j in row] for row in order]
