@@ -72,6 +72,34 @@ GSM8K = [
 ]
 
 
+def _conversation(question, answer):
+    return [{"content": question, "role": "user"}, {"content": answer, "role": "assistant"},
+            {"content": "Rewrite your previous response.", "role": "user"}, {"content": "...", "role": "assistant"}]
+
+
+# lmsys/mt_bench_human_judgments: one row per judgment; each conversation holds both turns.
+MTBENCH = [
+    {"question_id": 81, "model_a": "alpaca-13b", "model_b": "gpt-4", "winner": "model_b", "judge": "expert_0",
+     "conversation_a": _conversation("Compose a travel blog post about Hawaii.", "Hawaii is nice."),
+     "conversation_b": _conversation("Compose a travel blog post about Hawaii.", "Aloha! My trip to Hawaii..."),
+     "turn": 1},
+    {"question_id": 81, "model_a": "gpt-4", "model_b": "claude-v1", "winner": "tie", "judge": "expert_1",
+     "conversation_a": _conversation("Compose a travel blog post about Hawaii.", "Aloha! My trip to Hawaii..."),
+     "conversation_b": _conversation("Compose a travel blog post about Hawaii.", "Hawaii, the Aloha state."),
+     "turn": 1},
+    {"question_id": 81, "model_a": "gpt-4", "model_b": "llama-13b", "winner": "model_a", "judge": "expert_0",
+     "conversation_a": _conversation("Compose a travel blog post about Hawaii.", "Aloha! My trip to Hawaii..."),
+     "conversation_b": _conversation("Compose a travel blog post about Hawaii.", "ok"), "turn": 2},
+    {"question_id": 82, "model_a": "vicuna-13b-v1.2", "model_b": "gpt-4", "winner": "model_b", "judge": "author_0",
+     "conversation_a": _conversation("Draft an email asking for feedback.", "Dear boss..."),
+     "conversation_b": _conversation("Draft an email asking for feedback.", "Subject: Feedback request"),
+     "turn": 1},
+    {"question_id": 83, "model_a": "alpaca-13b", "model_b": "llama-13b", "winner": "tie", "judge": "expert_2",
+     "conversation_a": _conversation("Compare two phones.", "A is better."),
+     "conversation_b": _conversation("Compare two phones.", "B is better."), "turn": 1},
+]
+
+
 def write_jsonl(path, rows) -> str:
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     return str(path)

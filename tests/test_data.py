@@ -175,6 +175,16 @@ def test_hub_mmlu_all_and_auxiliary_train(tmp_path):
         hub_records(tmp_path, bad, "mmlu", file_name="mmlu_bad")
 
 
+def test_hub_mtbench_one_record_per_question_with_the_reference_answer(tmp_path):
+    records = hub_records(tmp_path, hub.MTBENCH, "mtbench", unique_by_id=True)
+    assert [r["id"] for r in records] == ["mtbench/81", "mtbench/82"]  # 83 has no GPT-4 answer
+    assert records[0]["input"] == "Compose a travel blog post about Hawaii."
+    assert records[0]["output"] == "Aloha! My trip to Hawaii..."
+    assert records[1]["output"] == "Subject: Feedback request"
+    with pytest.raises(DeliftInputError, match="duplicate id"):
+        hub_records(tmp_path, hub.MTBENCH, "mtbench", file_name="dupes")
+
+
 def test_hub_squad_and_gsm8k(tmp_path):
     (squad,) = hub_records(tmp_path, hub.SQUAD, "squad")
     assert squad["id"] == "5733be284776f41900661182" and squad["output"] == "Saint Bernadette Soubirous"

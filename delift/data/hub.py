@@ -136,7 +136,28 @@ def gsm8k_record(row: Mapping, index: int) -> dict:
                        source="gsm8k", meta={"answer": number, "answer_type": "number"})
 
 
-HUB_MAPPERS: dict[str, Callable[[Mapping, int], dict]] = {
+def mtbench_record(row: Mapping, index: int, reference_model: str = "gpt-4") -> dict | None:
+    """lmsys/mt_bench_human_judgments: the first user turn, with `reference_model`'s answer as the output.
+
+    Rows are pairwise judgments, so a question appears many times; rows of later turns or without
+    the reference model hold no record (None), and `load_hub(..., unique_by_id=True)` keeps one per id.
+    """
+    if row.get("turn") != 1:
+        return None
+    for side in ("a", "b"):
+        if row.get(f"model_{side}") == reference_model:
+            conversation = row.get(f"conversation_{side}") or []
+            rid = f"mtbench/{row.get('question_id')}"
+            if len(conversation) < 2:
+                raise DeliftInputError("has fewer than two messages", record=rid, field=f"conversation_{side}")
+            return make_record(rid, "", _text(conversation[0], "content", rid), _text(conversation[1], "content", rid),
+                               source="mt_bench", meta={"question_id": row.get("question_id"),
+                                                        "reference_model": reference_model})
+    return None
+
+
+HUB_MAPPERS: dict[str, Callable[[Mapping, int], dict | None]] = {
+    "mtbench": mtbench_record,
     "mixinstruct": mixinstruct_record,
     "p3": p3_record,
     "hotpotqa": hotpotqa_record,
@@ -148,11 +169,12 @@ HUB_MAPPERS: dict[str, Callable[[Mapping, int], dict]] = {
 
 def load_hub(path: str, name: str | None = None, split: str = "train", revision: str | None = None,
              data_files=None, limit: int | None = None, *, mapper: str | Callable[[Mapping, int], dict],
-             cache_dir: str | None = None, progress: bool = True) -> list[dict]:
+             cache_dir: str | None = None, progress: bool = True, unique_by_id: bool = False) -> list[dict]:
     """`datasets.load_dataset(path, name, split=...)`, first `limit` rows, each mapped to a record.
 
-    mapper: a name in HUB_MAPPERS (mixinstruct, p3, hotpotqa, mmlu, squad, gsm8k) or a function
-    (row, index) -> record.
+    mapper: a name in HUB_MAPPERS (mixinstruct, p3, hotpotqa, mmlu, squad, gsm8k, mtbench) or a
+    function (row, index) -> record, or None for a row that holds no record. `unique_by_id` keeps
+    the first record of each id (datasets with one row per judgment, like MT-Bench's).
     """
     import datasets  # slow to import; only hub runs need it
 
@@ -170,9 +192,13 @@ def load_hub(path: str, name: str | None = None, split: str = "train", revision:
     records = []
     for index, row in enumerate(tqdm(rows, desc=f"mapping {where}", disable=not progress)):
         try:
-            records.append(map_row(row, index))
+            record = map_row(row, index)
         except DeliftInputError as err:
             raise DeliftInputError(str(err), file=where) from err
+        if record is not None:
+            records.append(record)
+    if unique_by_id:
+        records = list({r["id"]: r for r in reversed(records)}.values())[::-1]
     if not records:
         raise DeliftInputError("has no rows", file=where)
     return validate_records(records, file=where)
