@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from delift.cache import save_json, save_jsonl
 from delift.data import build_stage
 from delift.evaluation import evaluate
+from delift.icl import nearest_demonstrations
 from delift.selectors import SelectionContext
 from delift.training import finetune
 
@@ -54,6 +55,29 @@ def write_selection(output_dir: Path, selection, selector, stage, budget: int | 
     save_jsonl(output_dir / "subset.jsonl", [stage.pool[i] for i in selection.indices])
 
 
+def compute_kernels(selector, ctx: SelectionContext, output_dir: Path, timings: dict) -> dict:
+    """`task=kernel`: compute (and cache) the kernels the selector's objective needs, and plot them."""
+    from delift.errors import DeliftInputError
+    from delift.plots import plot_kernel
+    from delift.selectors.delift import KernelObjectiveSelector
+
+    if not isinstance(selector, KernelObjectiveSelector):
+        raise DeliftInputError(f"task=kernel needs a kernel selector (delift, delift_se), not {selector.name!r}",
+                               field="selector")
+    objective = selector.resolve_objective(ctx)
+    with _timed(timings, "kernel"):
+        kernels = selector.kernels(ctx, objective)
+    summary = {}
+    for name, kernel in kernels.items():
+        plot_kernel(kernel, output_dir / f"{name}.png", title=f"{selector.name} {name} ({ctx.stage})")
+        summary[name] = {"shape": list(kernel.shape), "min": float(kernel.min()), "max": float(kernel.max()),
+                         "mean": float(kernel.mean())}
+    results = {"stage": ctx.stage, "selector": selector.name, "objective": objective, "kernels": summary,
+               "timings": timings}
+    save_json(output_dir / "results.json", results)
+    return results
+
+
 def run(cfg: DictConfig) -> dict:
     """Run one job; returns the results dict also written to results.json."""
     output_dir = Path(cfg.paths.output_dir)
@@ -72,6 +96,9 @@ def run(cfg: DictConfig) -> dict:
     log.info("Stage %s: pool %d, target %d, existing %d, eval %d", stage.name, len(stage.pool), len(stage.target),
              len(stage.existing), len(stage.eval))
 
+    if cfg.task == "kernel":
+        return compute_kernels(selector, ctx, output_dir, timings)
+
     budget = selector.budget(len(stage.pool)) if selector.trains else 0
     with _timed(timings, "select"):
         selection = selector.select(ctx)
@@ -79,7 +106,8 @@ def run(cfg: DictConfig) -> dict:
     write_selection(output_dir, selection, selector, stage, budget, cfg.seed)
     log.info("Selected %d of %d with %s", len(selection.indices), len(stage.pool), selector.name)
     results = {"stage": stage.name, "selector": selector.name, "model": ctx.model_spec.name,
-               "n_pool": len(stage.pool), "n_selected": len(selection.indices), "seed": cfg.seed}
+               "n_pool": len(stage.pool), "n_selected": len(selection.indices), "seed": cfg.seed,
+               "fraction": selector.fraction, "experiment": cfg.get("experiment_name")}
     if cfg.task == "select":
         results["timings"] = timings
         save_json(output_dir / "results.json", results)
@@ -88,41 +116,79 @@ def run(cfg: DictConfig) -> dict:
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     if logger:
         logger.log_hyperparams(_container(cfg))
+    judge = instantiate(cfg.judge) if cfg.get("judge") else None
     loaded = ctx.model
-    model = loaded.model
-    if selector.trains:
-        subset = [stage.pool[i] for i in selection.indices]
-        if cfg.train.get("mix_existing") and stage.existing:
-            subset = subset + list(stage.existing)
-        with _timed(timings, "finetune"):
-            model = finetune(loaded, subset, lora=_container(cfg.train.lora), optim=_container(cfg.train.optim),
-                             trainer_options=_container(cfg.trainer), output_dir=output_dir, seed=cfg.seed,
-                             logger=logger, use_chat_template=cfg.train.use_chat_template,
-                             resume=cfg.get("resume", False)).model
-    with _timed(timings, "evaluate"):
-        metrics, rows = evaluate(model, loaded.tokenizer, stage.eval, ctx.embedder,
-                                 max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                                 use_chat_template=cfg.train.use_chat_template, do_sample=cfg.eval.do_sample,
-                                 progress=cfg.progress)
+    subset = [stage.pool[i] for i in selection.indices]
+    evaluate_options = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                            use_chat_template=cfg.train.use_chat_template, do_sample=cfg.eval.do_sample,
+                            progress=cfg.progress, judge=judge)
+    metrics_by_mode, rows = {}, []
+    # ICL first: it prompts the base model, which fine-tuning then adapts in place.
+    if "icl" in eval_modes(cfg.eval.mode):
+        demonstrations = nearest_demonstrations(stage.eval, subset, ctx.embedder, cfg.eval.icl_k)
+        with _timed(timings, "evaluate_icl"):
+            metrics_by_mode["icl"], icl_rows = evaluate(loaded.model, loaded.tokenizer, stage.eval, ctx.embedder,
+                                                        demonstrations=demonstrations, **evaluate_options)
+        rows += [{"mode": "icl", **row} for row in icl_rows]
+    if "finetune" in eval_modes(cfg.eval.mode):
+        model = loaded.model
+        if selector.trains:
+            if cfg.train.get("mix_existing") and stage.existing:
+                subset = subset + list(stage.existing)
+            with _timed(timings, "finetune"):
+                model = finetune(loaded, subset, lora=_container(cfg.train.lora),
+                                 optim=_container(cfg.train.optim), trainer_options=_container(cfg.trainer),
+                                 output_dir=output_dir, seed=cfg.seed, logger=logger,
+                                 use_chat_template=cfg.train.use_chat_template, resume=cfg.resume).model
+        with _timed(timings, "evaluate_finetune"):
+            metrics_by_mode["finetune"], ft_rows = evaluate(model, loaded.tokenizer, stage.eval, ctx.embedder,
+                                                            **evaluate_options)
+        rows += [{"mode": "finetune", **row} for row in ft_rows]
     save_jsonl(output_dir / "predictions.jsonl", rows)
     timings["total"] = round(time.perf_counter() - started, 2)
-    results |= {"metrics": metrics, "timings": timings}
+    primary = "finetune" if "finetune" in metrics_by_mode else "icl"
+    results |= {"metrics": metrics_by_mode[primary], "metrics_by_mode": metrics_by_mode,
+                "judge": {"name": judge.name, "stand_in": judge.stand_in,
+                          "method": "feedback" if judge.feedback else "direct"} if judge else None,
+                "embedder": ctx.embedder.name, "timings": timings}
     save_json(output_dir / "results.json", results)
     if logger:
-        logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
-        if hasattr(logger, "log_table"):
-            columns = ["id", "prediction", "reference", "rouge1", "embed_sim"]
-            logger.log_table("predictions", columns=columns, data=[[r[c] for c in columns] for r in rows])
-        logger.finalize("success")
-        if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
-            logger.experiment.finish()  # one W&B run per job, also inside a multirun
+        log_to_logger(logger, metrics_by_mode, rows)
     return results
+
+
+def eval_modes(mode: str) -> tuple[str, ...]:
+    modes = {"finetune": ("finetune",), "icl": ("icl",), "both": ("icl", "finetune")}
+    if mode not in modes:
+        from delift.errors import DeliftInputError
+
+        raise DeliftInputError(f"unknown mode {mode!r}; choose one of {sorted(modes)}", field="eval.mode")
+    return modes[mode]
+
+
+def log_to_logger(logger, metrics_by_mode: dict, rows: list[dict]) -> None:
+    """Metrics and the predictions table to the experiment logger; closes the run."""
+    logger.log_metrics({f"eval/{mode}/{k}": v for mode, metrics in metrics_by_mode.items()
+                        for k, v in metrics.items()})
+    if hasattr(logger, "log_table"):
+        columns = ["mode", "id", "prediction", "reference", "rouge1", "embed_sim"]
+        logger.log_table("predictions", columns=columns, data=[[r[c] for c in columns] for r in rows])
+    logger.finalize("success")
+    if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
+        logger.experiment.finish()  # one W&B run per job, also inside a multirun
 
 
 def results_table(results: dict) -> str:
     """A short plain-text summary printed at the end of a run."""
-    metrics = results.get("metrics", {})
-    head = f"{'stage':<12} {'selector':<10} {'selected':>10} " + " ".join(f"{k:>10}" for k in metrics)
-    row = (f"{results['stage']:<12} {results['selector']:<10} {results['n_selected']:>4}/{results['n_pool']:<5} "
-           + " ".join(f"{v:>10.4f}" if isinstance(v, float) else f"{v:>10}" for v in metrics.values()))
-    return f"{head}\n{row}"
+    if "kernels" in results:
+        return "\n".join(f"{name:<15} shape {tuple(k['shape'])}  min {k['min']:.4f}  mean {k['mean']:.4f}  "
+                         f"max {k['max']:.4f}" for name, k in results["kernels"].items())
+    by_mode = results.get("metrics_by_mode") or {"-": results.get("metrics", {})}
+    keys = list(dict.fromkeys(k for metrics in by_mode.values() for k in metrics))
+    lines = [f"{'stage':<12} {'selector':<10} {'selected':>10} {'mode':<9}" + "".join(f"{k:>20}" for k in keys)]
+    for mode, metrics in by_mode.items():
+        cells = "".join(f"{metrics[k]:>20.4f}" if isinstance(metrics.get(k), float) else f"{metrics.get(k, '-'):>20}"
+                        for k in keys)
+        lines.append(f"{results['stage']:<12} {results['selector']:<10} "
+                     f"{results['n_selected']:>4}/{results['n_pool']:<5} {mode:<9}{cells}")
+    return "\n".join(lines)

@@ -40,6 +40,7 @@ class SelectionContext:
 
     stage: str
     pool: list[dict]
+    objective: str | None = None  # the stage's objective (fl, flmi, flcg); selectors may override
     target: list[dict] = field(default_factory=list)
     existing: list[dict] = field(default_factory=list)
     seed: int = 0
