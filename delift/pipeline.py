@@ -68,7 +68,7 @@ def compute_kernels(selector, ctx: SelectionContext, output_dir: Path, timings: 
     with _timed(timings, "kernel"):
         kernels = selector.kernels(ctx, objective)
     summary = {}
-    for name, kernel in kernels.items():
+    for name, kernel in ((n, k) for n, k in kernels.items() if k is not None):
         plot_kernel(kernel, output_dir / f"{name}.png", title=f"{selector.name} {name} ({ctx.stage})")
         summary[name] = {"shape": list(kernel.shape), "min": float(kernel.min()), "max": float(kernel.max()),
                          "mean": float(kernel.mean())}
@@ -139,7 +139,8 @@ def run(cfg: DictConfig) -> dict:
                 model = finetune(loaded, subset, lora=_container(cfg.train.lora),
                                  optim=_container(cfg.train.optim), trainer_options=_container(cfg.trainer),
                                  output_dir=output_dir, seed=cfg.seed, logger=logger,
-                                 use_chat_template=cfg.train.use_chat_template, resume=cfg.resume).model
+                                 use_chat_template=cfg.train.use_chat_template, resume=cfg.resume,
+                                 checkpoint_every_n_steps=cfg.train.checkpoint_every_n_steps).model
         with _timed(timings, "evaluate_finetune"):
             metrics_by_mode["finetune"], ft_rows = evaluate(model, loaded.tokenizer, stage.eval, ctx.embedder,
                                                             **evaluate_options)

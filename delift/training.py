@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from delift.errors import DeliftInputError
 from delift.prompts import format_prompt
@@ -53,6 +53,24 @@ def collate(examples: list[dict], pad_id: int) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
+class EpochSeededShuffle(Sampler):
+    """A shuffle that depends only on (seed, epoch), so a resumed run sees the batches it would have."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+        self.skip = 0  # examples of this epoch already trained on (a run resumed mid-epoch)
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at the start of every epoch
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        return iter(order[self.skip:].tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
 class LoRAFineTuner(L.LightningModule):
     def __init__(self, model, *, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8):
         super().__init__()
@@ -69,6 +87,17 @@ class LoRAFineTuner(L.LightningModule):
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         return torch.optim.AdamW(trainable, lr=self.lr, betas=self.betas, eps=self.eps,
                                  weight_decay=self.weight_decay)
+
+    def on_train_start(self):
+        self.on_train_epoch_start()  # a run resumed mid-epoch gets no epoch-start hook for that epoch
+
+    def on_train_epoch_start(self):
+        # Lightning replays a resumed epoch from its first batch; skip the batches already trained on.
+        trainer, loader = self.trainer, self.trainer.train_dataloader
+        if isinstance(loader.sampler, EpochSeededShuffle):
+            done = (trainer.global_step * trainer.accumulate_grad_batches
+                    - trainer.current_epoch * trainer.num_training_batches)
+            loader.sampler.skip = max(0, done) * loader.batch_size
 
     def on_save_checkpoint(self, checkpoint):
         # Resumable checkpoints carry the adapter only, not the frozen base model.
@@ -120,12 +149,14 @@ class FinetuneResult:
 
 def finetune(loaded, records: list[dict], *, lora: dict, optim: dict, trainer_options: dict | None = None,
              output_dir, seed: int = 0, save_epoch_checkpoints: bool = False, logger=False,
-             use_chat_template: bool = True, resume: bool = False) -> FinetuneResult:
+             use_chat_template: bool = True, resume: bool = False,
+             checkpoint_every_n_steps: int | None = None) -> FinetuneResult:
     """Fine-tune `loaded.model` with LoRA on `records`; returns the PEFT model in eval mode.
 
     `lora`: r, alpha, dropout, target_modules. `optim`: lr, epochs, batch_size, max_length,
     weight_decay, grad_accum. `trainer_options`: extra Lightning Trainer arguments. With
-    `resume=True` training continues from `output_dir/checkpoints/last.ckpt` if it exists.
+    `resume=True` training continues from `output_dir/checkpoints/last.ckpt` if it exists; that
+    checkpoint (adapter + optimizer) is written every epoch, or every `checkpoint_every_n_steps`.
     """
     import time
 
@@ -140,22 +171,23 @@ def finetune(loaded, records: list[dict], *, lora: dict, optim: dict, trainer_op
     model = get_peft_model(loaded.model, config)
     examples = [encode_example(tokenizer, r, optim["max_length"], use_chat_template=use_chat_template)
                 for r in records]
-    loader = DataLoader(examples, batch_size=optim["batch_size"], shuffle=True,
-                        generator=torch.Generator().manual_seed(seed),
+    loader = DataLoader(examples, batch_size=optim["batch_size"], sampler=EpochSeededShuffle(len(examples), seed),
                         collate_fn=lambda batch: collate(batch, tokenizer.pad_token_id))
     model.train()
     module = LoRAFineTuner(model, lr=optim["lr"], weight_decay=optim.get("weight_decay", 0.0))
+    cadence = {"every_n_train_steps": checkpoint_every_n_steps} if checkpoint_every_n_steps else {"every_n_epochs": 1}
     callbacks = [L.pytorch.callbacks.ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True,
-                                                     save_top_k=0, every_n_epochs=1)]
+                                                     save_top_k=0, **cadence)]
     epoch_checkpoints = EpochCheckpoints(output_dir / "epoch_checkpoints") if save_epoch_checkpoints else None
     if epoch_checkpoints:
         callbacks.append(epoch_checkpoints)
     options = {"accelerator": "auto", "devices": 1, "enable_model_summary": False,
                "log_every_n_steps": 1} | dict(trainer_options or {})
+    callbacks += list(options.pop("callbacks", None) or [])
     trainer = L.Trainer(max_epochs=optim["epochs"], accumulate_grad_batches=optim.get("grad_accum", 1),
                         logger=logger, callbacks=callbacks, default_root_dir=output_dir, **options)
     last = output_dir / "checkpoints" / "last.ckpt"
-    trainer.fit(module, loader, ckpt_path=str(last) if resume and last.exists() else None)
+    trainer.fit(module, loader, ckpt_path=str(last) if resume and last.exists() else None, weights_only=True)
     model.eval()
     adapter_dir = output_dir / "adapter"
     model.save_pretrained(adapter_dir)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -28,3 +31,10 @@ def compose_config(overrides=(), output_dir=None, cache_dir=MODEL_CACHE):
         cfg.progress = False
         del cfg["hydra"]  # run.py's config has no hydra node either; ${hydra:...} resolves via HydraConfig
     return cfg
+
+
+def run_py(args, cwd, env_extra=None, timeout=600) -> subprocess.CompletedProcess:
+    """`python run.py ARGS` in a subprocess, offline, with the shared model cache."""
+    env = dict(os.environ, DELIFT_CACHE_DIR=MODEL_CACHE, WANDB_MODE="offline", **(env_extra or {}))
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)

@@ -1,16 +1,11 @@
 """The pipeline end to end on the tiny random model, in-process and through run.py."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from delift.pipeline import run
-from tests.conftest import MODEL_CACHE
-from tests.helpers import ROOT, compose_config
+from tests.helpers import compose_config, run_py
 
 STAGES = ["instruction", "task", "continual"]
 FAST = ["trainer.max_steps=2", "eval.max_new_tokens=4", "logger=csv"]
@@ -48,14 +43,8 @@ def test_same_config_same_selection_and_seed_changes_it(tmp_path):
     assert a["ids"] != c["ids"]
 
 
-def _run_py(args, cwd, env_extra=None, timeout=600):
-    env = dict(os.environ, DELIFT_CACHE_DIR=MODEL_CACHE, WANDB_MODE="offline", **(env_extra or {}))
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
 def test_multirun_writes_one_wandb_run_per_job(tmp_path):
-    proc = _run_py(["-m", "model=tiny_qwen2", "selector=random,initial", "seed=0,1", "trainer.max_steps=1",
+    proc = run_py(["-m", "model=tiny_qwen2", "selector=random,initial", "seed=0,1", "trainer.max_steps=1",
                     "eval.max_new_tokens=2", "progress=false", f"paths.log_dir={tmp_path}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p for p in (tmp_path / "multiruns").glob("*/*/*") if (p / "results.json").exists())

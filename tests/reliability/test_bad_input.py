@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.test_pipeline import _run_py
+from tests.helpers import run_py
 
 GOOD = [{"id": f"r{i}", "instruction": "Answer.", "input": f"What is {i} + {i}?", "output": str(2 * i)}
         for i in range(40)]
@@ -43,7 +43,7 @@ BAD_FILES = {
 def test_bad_data_file(case, tmp_path):
     lines, needles = BAD_FILES[case]
     path = _write(tmp_path / f"{case}.jsonl", lines)
-    proc = _run_py(_pool_args(path) + [f"paths.log_dir={tmp_path}"], cwd=tmp_path)
+    proc = run_py(_pool_args(path) + [f"paths.log_dir={tmp_path}"], cwd=tmp_path)
     _assert_one_line_error(proc, *needles)
     if case != "empty_pool":
         assert str(path) in proc.stderr
@@ -52,7 +52,7 @@ def test_bad_data_file(case, tmp_path):
 @pytest.mark.parametrize("fraction", ["0", "1.5"])
 def test_bad_budget(fraction, tmp_path):
     path = _write(tmp_path / "good.jsonl", [json.dumps(r) for r in GOOD])
-    proc = _run_py(_pool_args(path) + ["selector=random", f"selector.fraction={fraction}",
+    proc = run_py(_pool_args(path) + ["selector=random", f"selector.fraction={fraction}",
                                        f"paths.log_dir={tmp_path}"], cwd=tmp_path)
     _assert_one_line_error(proc, "selector.fraction")
 
@@ -60,22 +60,22 @@ def test_bad_budget(fraction, tmp_path):
 @pytest.mark.parametrize("override,needle", [("model=no_such_model", "model"),
                                              ("dataset@stage.roles.pool.trivia=no_such_data", "no_such_data")])
 def test_unknown_names(override, needle, tmp_path):
-    proc = _run_py([override, "task=select", f"paths.log_dir={tmp_path}"], cwd=tmp_path)
+    proc = run_py([override, "task=select", f"paths.log_dir={tmp_path}"], cwd=tmp_path)
     assert proc.returncode != 0
     assert needle in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_missing_model_path(tmp_path):
-    proc = _run_py(["model=phi3", f"model.name={tmp_path}/nowhere", "selector=initial", "logger=csv",
+    proc = run_py(["model=phi3", f"model.name={tmp_path}/nowhere", "selector=initial", "logger=csv",
                     f"paths.log_dir={tmp_path}"], cwd=tmp_path)
     _assert_one_line_error(proc, "nowhere", "model.name")
 
 
 def test_earlier_run_directory_untouched(tmp_path):
     good = _write(tmp_path / "good.jsonl", [json.dumps(r) for r in GOOD])
-    assert _run_py(_pool_args(good) + [f"paths.log_dir={tmp_path}"], cwd=tmp_path).returncode == 0
+    assert run_py(_pool_args(good) + [f"paths.log_dir={tmp_path}"], cwd=tmp_path).returncode == 0
     (earlier,) = [p for p in (tmp_path / "runs").glob("*/*")]
     before = {p: p.stat().st_mtime_ns for p in earlier.rglob("*")}
     bad = _write(tmp_path / "bad.jsonl", ["not json"])
-    _assert_one_line_error(_run_py(_pool_args(bad) + [f"paths.log_dir={tmp_path}"], cwd=tmp_path), "line 1")
+    _assert_one_line_error(run_py(_pool_args(bad) + [f"paths.log_dir={tmp_path}"], cwd=tmp_path), "line 1")
     assert {p: p.stat().st_mtime_ns for p in earlier.rglob("*")} == before
