@@ -31,6 +31,8 @@ TRIVIA_METADATA_KEYS = {"AUTHOR", "CONFIG"}
 URL = re.compile(r"https?://", re.IGNORECASE)
 LETTERS = "ABCD"
 
+SAFE_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C parser: ~10x faster, as safe
+
 
 def packaged_file(distribution: str, relative: str) -> Path:
     """The path of a data file inside an installed distribution, without importing it."""
@@ -127,12 +129,11 @@ def load_trivia_offline(lists: list[str] | None = None, limit: int | None = None
     unknown = [name for name in names if name not in available]
     if unknown:
         raise DeliftInputError(f"unknown trivia lists {unknown}; available: {available}", field="lists")
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the C parser is ~10x faster, just as safe
     records = []
     for name in names:
         path = folder / f"{name}.yaml"
         with open(path, encoding="utf-8") as fh:
-            entries = yaml.load(fh, Loader=loader)
+            entries = yaml.load(fh, Loader=SAFE_YAML_LOADER)
         questions = [(q, a) for q, a in entries.items() if q not in TRIVIA_METADATA_KEYS]
         for n, (question, answers) in enumerate(questions):
             rid = f"trivia/{name}/{n}"
