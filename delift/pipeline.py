@@ -50,7 +50,9 @@ def write_selection(output_dir: Path, selection, selector, stage, budget: int | 
         "selector": selector.name, "selector_config": selector.config(), "stage": stage.name,
         "budget": budget, "n_pool": len(stage.pool), "seed": seed, "indices": selection.indices,
         "ids": [stage.pool[i]["id"] for i in selection.indices], "scores": selection.scores,
-        "objective_value": selection.objective_value, "info": selection.info,
+        "objective_value": selection.objective_value,
+        # Timings go to results.json: the same config must give a byte-identical selection.json.
+        "info": {k: v for k, v in selection.info.items() if k != "timings"},
     })
     save_jsonl(output_dir / "subset.jsonl", [stage.pool[i] for i in selection.indices])
 

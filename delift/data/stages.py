@@ -85,6 +85,10 @@ def build_stage(stage_cfg, seed: int) -> StageData:
         if not data[role]:
             raise DeliftInputError(f"stage {name}: role {role!r} is empty, and objective {objective} needs it",
                                    field=f"stage.roles.{role}")
+    if objective in ("flmi", "fl2mi") and len(data["target"]) > len(data["pool"]):
+        raise DeliftInputError(f"stage {name}: the target ({len(data['target'])} records) is larger than the pool "
+                               f"({len(data['pool'])}); selection would aim at more examples than it can choose",
+                               field="stage.sizes.target")
     _check_unique_ids(name, data)
     stage = StageData(name=name, objective=objective, **data)
     log.info("stage %s (seed %d): %s", name, seed, stage.summary())

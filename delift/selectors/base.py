@@ -23,7 +23,8 @@ def register(name: str):
 
 
 def budget_for(n: int, fraction: float) -> int:
-    """round(fraction * n); a fraction outside (0, 1] or a budget that rounds to 0 is an error."""
+    """round(fraction * n) for a subset selector; a fraction outside (0, 1], or one that rounds to 0
+    or to the whole pool (that is `selector=full`), is an error."""
     if not (0.0 < fraction <= 1.0):
         raise DeliftInputError(f"must be in (0, 1], got {fraction}", field="selector.fraction")
     if n == 0:
@@ -31,6 +32,9 @@ def budget_for(n: int, fraction: float) -> int:
     budget = int(math.floor(fraction * n + 0.5))
     if budget == 0:
         raise DeliftInputError(f"fraction {fraction} of a pool of {n} rounds to 0 examples", field="selector.fraction")
+    if budget >= n:
+        raise DeliftInputError(f"fraction {fraction} of a pool of {n} selects all of it; use selector=full",
+                               field="selector.fraction")
     return budget
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from delift.errors import DeliftInputError
 from delift.selectors.base import Selection, SelectionContext, Selector, register
 
 
@@ -19,6 +20,11 @@ class RandomSelector(Selector):
 class FullSelector(Selector):
     def __init__(self, fraction: float = 1.0):
         super().__init__(fraction)
+
+    def budget(self, n: int) -> int:
+        if n == 0:
+            raise DeliftInputError("the pool is empty", field="stage.pool")
+        return n
 
     def select(self, ctx: SelectionContext) -> Selection:
         return Selection(indices=list(range(len(ctx.pool))))

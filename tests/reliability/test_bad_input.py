@@ -79,3 +79,70 @@ def test_earlier_run_directory_untouched(tmp_path):
     bad = _write(tmp_path / "bad.jsonl", ["not json"])
     _assert_one_line_error(run_py(_pool_args(bad) + [f"paths.log_dir={tmp_path}"], cwd=tmp_path), "line 1")
     assert {p: p.stat().st_mtime_ns for p in earlier.rglob("*")} == before
+
+
+# In-process: the same DeliftInputError run.py turns into its one error line (see the tests above).
+def _expect_error(tmp_path, overrides, *needles):
+    from delift.errors import DeliftInputError
+    from delift.pipeline import run
+    from tests.helpers import compose_config
+
+    cfg = compose_config(overrides, output_dir=tmp_path / "run")
+    with pytest.raises(DeliftInputError) as caught:
+        run(cfg)
+    for needle in needles:
+        assert needle in str(caught.value), str(caught.value)
+    assert not (tmp_path / "run" / "results.json").exists()
+    assert not (tmp_path / "run" / "selection.json").exists()
+
+
+IN_PROCESS_FILES = {
+    "invalid_utf8": (b'{"id": "a", "input": "q", "output": "\xff\xfe"}\n', ["line 1", "UTF-8"]),
+    "non_string_field": (json.dumps({"id": "n1", "input": "q", "output": 42}).encode() + b"\n", ["n1", "output"]),
+    "empty_instruction_and_output": (json.dumps({"id": "e1", "instruction": "", "input": "q", "output": ""})
+                                     .encode() + b"\n", ["e1", "output"]),
+    "duplicate_ids": ((json.dumps(GOOD[0]) + "\n" + json.dumps(GOOD[0]) + "\n").encode(), ["r0", "duplicate"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IN_PROCESS_FILES))
+def test_bad_records(case, tmp_path):
+    content, needles = IN_PROCESS_FILES[case]
+    path = tmp_path / f"{case}.jsonl"
+    path.write_bytes(content)
+    _expect_error(tmp_path, _pool_args(path), str(path), *needles)
+
+
+def test_budget_that_rounds_to_zero_or_reaches_the_pool(tmp_path):
+    path = _write(tmp_path / "good.jsonl", [json.dumps(r) for r in GOOD])
+    _expect_error(tmp_path, _pool_args(path) + ["selector=random", "selector.fraction=0.01"], "rounds to 0")
+    _expect_error(tmp_path, _pool_args(path) + ["selector=random", "selector.fraction=1.0"], "selector=full")
+
+
+def test_target_larger_than_pool(tmp_path):
+    _expect_error(tmp_path, ["stage=task", "stage.sizes.pool.trivia=3", "stage.sizes.pool.gsm8k=2", "task=select"],
+                  "larger than the pool", "stage.sizes.target")
+
+
+def test_empty_target(tmp_path):
+    _expect_error(tmp_path, ["stage=task", "stage.sizes.target.mmlu=24", "task=select"], "target")
+
+
+@pytest.mark.parametrize("override", ["selector=no_such_selector", "stage=no_such_stage"])
+def test_unknown_selector_or_stage(override, tmp_path):
+    proc = run_py([override, "task=select", f"paths.log_dir={tmp_path}"], cwd=tmp_path)
+    assert proc.returncode != 0
+    assert override.split("=")[1] in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_record_far_longer_than_the_context_is_truncated_not_fatal(tmp_path):
+    rows = [dict(r) for r in GOOD]
+    rows[0]["input"] = "a very long question " * 2000  # ~8k tokens against max_length 256
+    path = _write(tmp_path / "long.jsonl", [json.dumps(r) for r in rows])
+    cfg_args = _pool_args(path) + ["model=tiny_qwen2", "selector=full", "trainer.max_steps=1",
+                                   "eval.max_new_tokens=2", "logger=csv"]
+    from delift.pipeline import run
+    from tests.helpers import compose_config
+
+    results = run(compose_config([a for a in cfg_args if a != "task=select"], output_dir=tmp_path / "run"))
+    assert results["n_selected"] == results["n_pool"]
