@@ -1,0 +1,301 @@
+"""The exact utility engines: distances d(y_i | context) for blocks of rows and columns.
+
+d = ||p - 1||_2 / sqrt(T), p_t = full-vocabulary softmax probability of the t-th target token under
+teacher forcing, T = response tokens + the closing EOS.
+
+- naive (the oracle): one full teacher-forced pass per (row, column) pair, whole-string
+  tokenisation, the model's own logits at every position; length-bucketed padded batches.
+- fast (same numbers): each demonstration block (the one-shot prompt up to `{prompt_i}`) runs
+  once per tile and its KV cache is reused by every query of that column; batches mix pairs of
+  any columns, bucketed by query length, over a fresh DynamicCache per batch built from copies
+  of the blocks (never mutated). Queries that open with the same tokens (a shared instruction)
+  run that opening once per column, as an extension of the block. The decoder runs for hidden
+  states and the output head only at the scored positions; the final EOS, which predicts
+  nothing, is not fed. Pairs whose tokens merge across the boundary, or that need truncation,
+  take the whole-string path (still head-at-scored-positions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from delift.errors import DeliftInputError
+from delift.utility.formatting import ScoredSequence, UtilityInputs
+
+# Logit elements the fast engine's output head holds at once (128 MB in fp32).
+HEAD_CHUNK_ELEMENTS = 1 << 25
+
+# Queries that open with this many identical tokens (a shared instruction, say) share their KV.
+MIN_SHARED_TOKENS = 8
+
+ProgressHook = Callable[[int], None]
+
+
+def length_batches(lengths: Sequence, batch_size: int) -> list[list[int]]:
+    """Indices sorted longest first (memory peaks early), cut into batches of similar length.
+
+    A length may be a tuple (e.g. query length, then cached block length): later entries order ties.
+    """
+    order = sorted(range(len(lengths)), key=lambda k: lengths[k], reverse=True)  # stable: ties keep index order
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+class _Batch:
+    """Right-padded inputs of a batch and where its targets sit."""
+
+    def __init__(self, sequences: Sequence[ScoredSequence], *, feed_last: bool, pad_id: int, device):
+        inputs = [s.context + (s.targets if feed_last else s.targets[:-1]) for s in sequences]
+        width = max(map(len, inputs))
+        self.ids = torch.full((len(inputs), width), pad_id, dtype=torch.long)
+        self.mask = torch.zeros((len(inputs), width), dtype=torch.long)
+        owner, position, slot, targets = [], [], [], []
+        for b, (seq, tokens) in enumerate(zip(sequences, inputs)):
+            self.ids[b, :len(tokens)] = torch.tensor(tokens)
+            self.mask[b, :len(tokens)] = 1
+            # The position of token k predicts token k + 1: the context's EOS predicts the first target.
+            first = len(seq.context) - 1
+            owner += [b] * len(seq.targets)
+            position += range(first, first + len(seq.targets))
+            slot += range(len(seq.targets))
+            targets += seq.targets
+        self.ids, self.mask = self.ids.to(device), self.mask.to(device)
+        self.owner = torch.tensor(owner, device=device)
+        self.position = torch.tensor(position, device=device)
+        self.slot = torch.tensor(slot, device=device)
+        self.targets = torch.tensor(targets, device=device)
+        self.lengths = torch.tensor([len(s.targets) for s in sequences], dtype=torch.float32, device=device)
+
+    def distances(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """||p - 1|| / sqrt(T) per sequence, summed in a fixed order (bitwise reproducible)."""
+        squares = torch.zeros((len(self.lengths), int(self.lengths.max())), dtype=torch.float32,
+                              device=probabilities.device)
+        squares[self.owner, self.slot] = (probabilities - 1.0) ** 2
+        return torch.sqrt(squares.sum(dim=1) / self.lengths)
+
+
+def _target_probabilities(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return log_probs.gather(1, targets[:, None]).squeeze(1).exp()
+
+
+def _head_probabilities(model, hidden: torch.Tensor, batch: _Batch) -> torch.Tensor:
+    """The output head applied only at the scored positions, in memory-bounded chunks."""
+    head = model.get_output_embeddings()
+    scored = hidden[batch.owner, batch.position]
+    step = max(1, HEAD_CHUNK_ELEMENTS // head.weight.shape[0])
+    return torch.cat([_target_probabilities(head(scored[s:s + step]), batch.targets[s:s + step])
+                      for s in range(0, len(scored), step)])
+
+
+@torch.inference_mode()
+def check_output_head(model, token_ids: Sequence[int]) -> None:
+    """The fast engine's decoder + head must give the model's own logits (no soft-capping, scaling...)."""
+    ids = torch.tensor([list(token_ids)], device=_device(model))
+    reference = model(input_ids=ids).logits.float()
+    ours = model.get_output_embeddings()(model.get_decoder()(input_ids=ids).last_hidden_state).float()
+    tolerance = 1e-3 * max(1.0, float(reference.abs().max()))
+    if float((reference - ours).abs().max()) > tolerance:
+        raise DeliftInputError("this model post-processes its output-layer logits, which the fast engine's "
+                               "head-at-scored-positions skips; use engine='naive'", field="kernel.engine")
+
+
+@torch.inference_mode()
+def sequence_distances(model, sequences: Sequence[ScoredSequence], *, naive: bool, pad_id: int, batch_size: int,
+                       on_scored: ProgressHook | None = None) -> np.ndarray:
+    """d for each whole sequence. naive: the model's full logits; else decoder + head at targets."""
+    out = np.zeros(len(sequences), dtype=np.float32)
+    for index in length_batches([len(s.context) + len(s.targets) for s in sequences], batch_size):
+        batch = _Batch([sequences[k] for k in index], feed_last=naive, pad_id=pad_id, device=_device(model))
+        if naive:
+            logits = model(input_ids=batch.ids, attention_mask=batch.mask).logits
+            probabilities = _target_probabilities(logits[batch.owner, batch.position], batch.targets)
+        else:
+            hidden = model.get_decoder()(input_ids=batch.ids, attention_mask=batch.mask).last_hidden_state
+            probabilities = _head_probabilities(model, hidden, batch)
+        out[index] = batch.distances(probabilities).cpu().numpy()
+        if on_scored:
+            on_scored(len(index))
+    return out
+
+
+@torch.inference_mode()
+def demonstration_caches(model, blocks: Sequence[Sequence[int]], *, pad_id: int,
+                         batch_size: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per demonstration block, per layer: its (keys, values), (heads, block length, head dim).
+
+    Blocks run in right-padded batches: under the causal mask a block's own positions never see
+    the padding after it.
+    """
+    caches = [None] * len(blocks)
+    device = _device(model)
+    for index in length_batches([len(b) for b in blocks], batch_size):
+        width = max(len(blocks[k]) for k in index)
+        ids = torch.full((len(index), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(index), width), dtype=torch.long)
+        for row, k in enumerate(index):
+            ids[row, :len(blocks[k])] = torch.tensor(list(blocks[k]))
+            mask[row, :len(blocks[k])] = 1
+        cache = model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True).cache
+        for row, k in enumerate(index):
+            length = len(blocks[k])
+            caches[k] = [(layer.keys[row, :, :length], layer.values[row, :, :length]) for layer in cache.layers]
+    return caches
+
+
+def _cache_for_batch(model, block_kv, blocks: Sequence[int]) -> tuple[DynamicCache, torch.Tensor]:
+    """A fresh cache holding each batch row's demonstration, left-padded to the longest; its mask."""
+    lengths = [block_kv[b][0][0].shape[-2] for b in blocks]
+    width = max(lengths)
+    layers = []
+    for layer in range(len(block_kv[blocks[0]])):
+        keys, values = block_kv[blocks[0]][layer]
+        batch_keys = keys.new_zeros((len(blocks), keys.shape[0], width, keys.shape[-1]))
+        batch_values = values.new_zeros((len(blocks), values.shape[0], width, values.shape[-1]))
+        for row, (b, length) in enumerate(zip(blocks, lengths)):
+            batch_keys[row, :, width - length:] = block_kv[b][layer][0]
+            batch_values[row, :, width - length:] = block_kv[b][layer][1]
+        layers.append((batch_keys, batch_values))
+    mask = torch.zeros((len(blocks), width), dtype=torch.long, device=batch_keys.device)
+    for row, length in enumerate(lengths):
+        mask[row, width - length:] = 1
+    return DynamicCache(ddp_cache_data=layers, config=model.config), mask
+
+
+@torch.inference_mode()
+def extend_caches(model, block_kv, head: Sequence[int], *, batch_size: int):
+    """Each cached block continued by the same `head` tokens (the opening its queries share)."""
+    extended = []
+    device = _device(model)
+    head_ids = torch.tensor([list(head)], device=device)
+    for start in range(0, len(block_kv), batch_size):
+        blocks = list(range(start, min(start + batch_size, len(block_kv))))
+        cache, block_mask = _cache_for_batch(model, block_kv, blocks)
+        width = block_mask.shape[1]
+        positions = block_mask.sum(dim=1, keepdim=True) + torch.arange(len(head), device=device)[None, :]
+        attention = torch.cat([block_mask, torch.ones((len(blocks), len(head)), dtype=torch.long, device=device)], 1)
+        cache = model.get_decoder()(input_ids=head_ids.expand(len(blocks), -1), attention_mask=attention,
+                                    position_ids=positions, cache=cache, use_cache=True).cache
+        for row, b in enumerate(blocks):
+            first = width - block_kv[b][0][0].shape[-2]  # drop the left padding
+            extended.append([(layer.keys[row, :, first:], layer.values[row, :, first:]) for layer in cache.layers])
+    return extended
+
+
+def shared_heads(queries: Sequence[Sequence[int]]) -> list[tuple[list[int], list[int]]]:
+    """(head, members): groups of >= 2 queries opening with the same MIN_SHARED_TOKENS tokens, and
+    the longest prefix all members share. Queries in no group are left out."""
+    openings = {}
+    for k, query in enumerate(queries):
+        if len(query) >= MIN_SHARED_TOKENS:
+            openings.setdefault(tuple(query[:MIN_SHARED_TOKENS]), []).append(k)
+    groups = []
+    for members in openings.values():
+        if len(members) < 2:
+            continue
+        head = list(queries[members[0]])
+        for k in members[1:]:
+            other = queries[k]
+            shared = next((t for t, (a, b) in enumerate(zip(head, other)) if a != b), min(len(head), len(other)))
+            head = head[:shared]
+        groups.append((head, members))
+    return groups
+
+
+@torch.inference_mode()
+def query_distances(model, block_kv, pairs: Sequence[tuple[int, ScoredSequence]], *, pad_id: int, batch_size: int,
+                    on_scored: ProgressHook | None = None) -> np.ndarray:
+    """d for each (demonstration block index, query sequence) pair, the block read from `block_kv`.
+
+    Pairs of any columns share a batch, bucketed by query length: the cached blocks are
+    left-padded (masked) and each query keeps its true positions, block length + t. Cached keys
+    already carry their rotary positions, so where a block sits in the padded cache is immaterial.
+    The cache is copied for every batch, so `block_kv` is never mutated.
+    """
+    out = np.zeros(len(pairs), dtype=np.float32)
+    device = _device(model)
+    # Pairs of one row share a query length; ordering them by block length keeps the padded cache short.
+    lengths = [(len(s.context) + len(s.targets), block_kv[b][0][0].shape[-2]) for b, s in pairs]
+    for index in length_batches(lengths, batch_size):
+        blocks = [pairs[k][0] for k in index]
+        batch = _Batch([pairs[k][1] for k in index], feed_last=False, pad_id=pad_id, device=device)
+        cache, block_mask = _cache_for_batch(model, block_kv, blocks)
+        block_lengths = block_mask.sum(dim=1, keepdim=True)
+        positions = block_lengths + torch.arange(batch.ids.shape[1], device=device)[None, :]
+        hidden = model.get_decoder()(input_ids=batch.ids, attention_mask=torch.cat([block_mask, batch.mask], dim=1),
+                                     position_ids=positions, cache=cache, use_cache=True).last_hidden_state
+        out[index] = batch.distances(_head_probabilities(model, hidden, batch)).cpu().numpy()
+        if on_scored:
+            on_scored(len(index))
+    return out
+
+
+def zero_shot_distances(model, inputs: UtilityInputs, rows: Sequence[int], *, engine: str, batch_size: int,
+                        on_scored: ProgressHook | None = None) -> np.ndarray:
+    """d(y_i | x_i) for `rows`, without a demonstration."""
+    return sequence_distances(model, [inputs.zero_shot_sequence(i) for i in rows], naive=engine == "naive",
+                              pad_id=inputs.pad_id, batch_size=batch_size, on_scored=on_scored)
+
+
+def one_shot_distances(model, inputs: UtilityInputs, rows: Sequence[int], cols: Sequence[int], *, engine: str,
+                       batch_size: int, pair_mask: np.ndarray | None = None,
+                       on_scored: ProgressHook | None = None) -> np.ndarray:
+    """d(y_i | demo_j, x_i) for the (len(rows), len(cols)) block; pairs outside `pair_mask` stay 0."""
+    rows, cols = list(rows), list(cols)
+    wanted = np.ones((len(rows), len(cols)), dtype=bool) if pair_mask is None else np.asarray(pair_mask, dtype=bool)
+    out = np.zeros((len(rows), len(cols)), dtype=np.float32)
+    if engine == "naive":
+        whole = np.argwhere(wanted)
+    else:
+        direct = wanted & inputs.boundary_safe(rows, cols) & inputs.fits(rows, cols)
+        direct[:, [len(inputs.demo[j]) == 0 for j in cols]] = False
+        whole = np.argwhere(wanted & ~direct)
+        pairs = np.argwhere(direct)
+        if len(pairs):
+            out[pairs[:, 0], pairs[:, 1]] = _cached_block_distances(model, inputs, rows, cols, pairs,
+                                                                    batch_size=batch_size, on_scored=on_scored)
+    if len(whole):
+        sequences = inputs.one_shot_sequences([(rows[r], cols[c]) for r, c in whole])
+        out[whole[:, 0], whole[:, 1]] = sequence_distances(model, sequences, naive=engine == "naive",
+                                                           pad_id=inputs.pad_id, batch_size=batch_size,
+                                                           on_scored=on_scored)
+    return out
+
+
+def _cached_block_distances(model, inputs: UtilityInputs, rows, cols, pairs: np.ndarray, *, batch_size: int,
+                            on_scored: ProgressHook | None) -> np.ndarray:
+    """d for (row position, column position) `pairs` whose parts concatenate exactly, over cached blocks.
+
+    Each column's block runs once (the tile's columns bound the caches held at once); queries of a
+    group sharing an opening run that opening once per column too, as an extension of the block.
+    """
+    used = sorted(set(pairs[:, 1].tolist()))
+    slot = {c: k for k, c in enumerate(used)}
+    block_kv = demonstration_caches(model, [inputs.demo[cols[c]] for c in used], pad_id=inputs.pad_id,
+                                    batch_size=batch_size)
+    out = np.zeros(len(pairs), dtype=np.float32)
+    alone = np.ones(len(pairs), dtype=bool)
+    for head, members in shared_heads([inputs.query[i] for i in rows]):
+        chosen = np.flatnonzero(np.isin(pairs[:, 0], members))
+        group_cols = sorted(set(pairs[chosen, 1].tolist()))
+        if len(chosen) == len(group_cols):
+            continue  # one pair per column: nothing to share
+        extended = extend_caches(model, [block_kv[slot[c]] for c in group_cols], head, batch_size=batch_size)
+        where = {c: k for k, c in enumerate(group_cols)}
+        out[chosen] = query_distances(
+            model, extended, [(where[c], inputs.query_sequence(rows[r], skip=len(head))) for r, c in pairs[chosen]],
+            pad_id=inputs.pad_id, batch_size=batch_size, on_scored=on_scored)
+        alone[chosen] = False
+    rest = np.flatnonzero(alone)
+    if len(rest):
+        out[rest] = query_distances(model, block_kv, [(slot[c], inputs.query_sequence(rows[r]))
+                                                      for r, c in pairs[rest]],
+                                    pad_id=inputs.pad_id, batch_size=batch_size, on_scored=on_scored)
+    return out

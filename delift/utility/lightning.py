@@ -1,0 +1,142 @@
+"""The kernel computation as a LightningModule run through `Trainer.predict`, one tile per step.
+
+The dataset is the list of tiles still missing; Lightning's distributed sampler hands each rank
+its share, so `devices=N, strategy="ddp", num_nodes=M` spread the tiles with no code change
+(ranks exchange tiles through the cache folder, which must then be on a shared filesystem).
+Each finished tile is written atomically as soon as it is done.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from delift.cache import save_npy
+from delift.errors import DeliftInputError
+from delift.utility.engine import check_output_head, one_shot_distances, zero_shot_distances
+from delift.utility.formatting import UtilityInputs
+from delift.utility.tiles import Tile
+
+# Lightning's own logger, checkpoints, progress bar and summary have nothing to do in a predict run.
+TRAINER_DEFAULTS = {"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
+                    "enable_progress_bar": False, "enable_model_summary": False}
+
+
+class TileDataset(Dataset):
+    """Item k is the index of the k-th tile to compute."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+def _single(batch):
+    return batch[0]
+
+
+class UtilityKernelModule(L.LightningModule):
+    """Computes one tile per predict step: zero-shot distances of a row block, or one-shot distances of a block."""
+
+    def __init__(self, model, inputs: UtilityInputs, tiles: list[Tile], *, engine: str, batch_size: int,
+                 pair_mask: np.ndarray | None = None, folder: Path | None = None):
+        super().__init__()
+        self.model = model
+        self.inputs = inputs
+        self.tiles = tiles
+        self.engine = engine
+        self.batch_size = batch_size
+        self.pair_mask = pair_mask
+        self.folder = folder
+        self.on_scored = None  # set by PairProgressBar: called with the number of sequences scored
+
+    def on_predict_start(self) -> None:
+        if self.engine != "naive":
+            check_output_head(self.model, self.inputs.zero_shot_sequence(0).context[-64:])
+
+    def compute_tile(self, tile: Tile) -> np.ndarray:
+        if tile.cols is None:
+            return zero_shot_distances(self.model, self.inputs, tile.row_range, engine=self.engine,
+                                       batch_size=self.batch_size, on_scored=self.on_scored)
+        mask = None if self.pair_mask is None else self.pair_mask[slice(*tile.rows), slice(*tile.cols)]
+        return one_shot_distances(self.model, self.inputs, tile.row_range, tile.col_range, engine=self.engine,
+                                  batch_size=self.batch_size, pair_mask=mask, on_scored=self.on_scored)
+
+    def predict_step(self, index: int):
+        tile = self.tiles[index]
+        values = self.compute_tile(tile)
+        self._check_finite(tile, values)
+        if self.folder is not None:
+            save_npy(self.folder / tile.file_name, values)
+        return index, values
+
+    def _check_finite(self, tile: Tile, values: np.ndarray) -> None:
+        bad = np.argwhere(~np.isfinite(values))
+        if not len(bad):
+            return
+        row = self.inputs.row_ids[tile.rows[0] + bad[0][0]]
+        if tile.cols is None:
+            where = f"{row} (row, no demonstration)"
+        else:
+            where = f"{row} (row) x {self.inputs.col_ids[tile.cols[0] + bad[0][1]]} (column)"
+        raise DeliftInputError(f"the utility is {values[tuple(bad[0])]} ({len(bad)} non-finite value(s) in this tile); "
+                               "a half-precision model can overflow: try dtype float32 or bfloat16",
+                               record=where, field="model.dtype")
+
+
+class PairProgressBar(L.Callback):
+    """tqdm over scored sequences (pairs, plus one zero-shot pass per row): rate and ETA, rank 0 only."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total = total
+        self.enabled = enabled
+        self.bar = None
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        share = math.ceil(self.total / max(1, trainer.world_size))
+        self.bar = tqdm(total=share, unit="pair", desc="utility kernel", dynamic_ncols=True,
+                        disable=not self.enabled or trainer.global_rank != 0)
+        pl_module.on_scored = self.bar.update
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self._close(pl_module)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._close(pl_module)
+
+    def _close(self, pl_module) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        pl_module.on_scored = None
+
+
+def make_trainer(trainer_options: dict | None, callbacks: list) -> L.Trainer:
+    options = TRAINER_DEFAULTS | dict(trainer_options or {})
+    options["callbacks"] = list(options.get("callbacks") or []) + callbacks
+    return L.Trainer(**options)
+
+
+def predict_tiles(trainer: L.Trainer, module: UtilityKernelModule) -> dict[Tile, np.ndarray]:
+    """Run the module's tiles; with a folder they are on disk afterwards (all ranks synchronised)."""
+    if module.folder is None and trainer.num_devices * trainer.num_nodes > 1:
+        raise DeliftInputError("a multi-process kernel exchanges its tiles through disk: set a cache_dir",
+                               field="kernel.cache_dir")
+    loader = DataLoader(TileDataset(len(module.tiles)), batch_size=1, collate_fn=_single)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        outputs = trainer.predict(module, dataloaders=loader, return_predictions=module.folder is None)
+    if module.folder is not None:
+        trainer.strategy.barrier("utility-tiles-written")
+        return {}
+    return {module.tiles[index]: values for index, values in outputs}

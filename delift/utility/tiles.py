@@ -1,0 +1,127 @@
+"""Tiles: the units of work, of sharding over processes and of the on-disk kernel cache.
+
+A kernel folder `<cache_dir>/utility_kernel/<key>/` holds `key.json` (what the key hashes, for
+people), one `.npy` per finished tile and, once all are there, `kernel.npy`. Tile files are
+named by the rows and columns they cover, so a run with another tile size simply computes its
+own tiles. A tile file that does not load with the expected shape and dtype is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from delift.cache import content_hash, load_npy, records_hash
+from delift.errors import DeliftInputError
+from delift.utility.formatting import UtilityTemplate, tokenizer_identity
+
+KERNEL_FILE = "kernel.npy"
+CACHE_KIND = "utility_kernel"
+# Bump when the numbers a kernel holds would change for the same inputs.
+FORMULA = "UF = d(y_i|x_i) - d(y_i|demo_j,x_i); d = ||p - 1||_2 / sqrt(T), T = response tokens + EOS"
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Rows [start, stop) x columns [start, stop); `cols` None is the zero-shot (no demonstration) column."""
+
+    rows: tuple[int, int]
+    cols: tuple[int, int] | None = None
+
+    @property
+    def row_range(self) -> range:
+        return range(*self.rows)
+
+    @property
+    def col_range(self) -> range:
+        return range(*self.cols)
+
+    @property
+    def file_name(self) -> str:
+        rows = f"r{self.rows[0]:07d}-{self.rows[1]:07d}"
+        if self.cols is None:
+            return f"zero_shot_{rows}.npy"
+        return f"one_shot_{rows}_c{self.cols[0]:07d}-{self.cols[1]:07d}.npy"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self.cols is None:
+            return (len(self.row_range),)
+        return (len(self.row_range), len(self.col_range))
+
+    def passes(self, pair_mask: np.ndarray | None = None) -> int:
+        """Sequences this tile scores."""
+        if self.cols is None:
+            return len(self.row_range)
+        if pair_mask is None:
+            return len(self.row_range) * len(self.col_range)
+        return int(pair_mask[slice(*self.rows), slice(*self.cols)].sum())
+
+
+def plan_tiles(n_rows: int, n_cols: int, tile_size: int) -> list[Tile]:
+    """Zero-shot tiles, then one-shot tiles in row-major order."""
+    row_blocks = [(s, min(s + tile_size, n_rows)) for s in range(0, n_rows, tile_size)]
+    col_blocks = [(s, min(s + tile_size, n_cols)) for s in range(0, n_cols, tile_size)]
+    return [Tile(r) for r in row_blocks] + [Tile(r, c) for r in row_blocks for c in col_blocks]
+
+
+def read_tile(folder: Path, tile: Tile) -> np.ndarray | None:
+    """The finished tile, or None when it is missing or unreadable (then it is recomputed)."""
+    path = Path(folder) / tile.file_name
+    if not path.exists():
+        return None
+    try:
+        return load_npy(path, shape=tile.shape, dtype=np.float32)
+    except DeliftInputError:
+        return None
+
+
+def assemble_kernel(values: dict[Tile, np.ndarray], n_rows: int, n_cols: int,
+                    pair_mask: np.ndarray | None = None) -> np.ndarray:
+    """UF = zero-shot d (per row) - one-shot d; pairs outside `pair_mask` are 0."""
+    zero_shot = np.zeros(n_rows, dtype=np.float32)
+    one_shot = np.zeros((n_rows, n_cols), dtype=np.float32)
+    for tile, array in values.items():
+        if tile.cols is None:
+            zero_shot[slice(*tile.rows)] = array
+        else:
+            one_shot[slice(*tile.rows), slice(*tile.cols)] = array
+    kernel = zero_shot[:, None] - one_shot
+    if pair_mask is not None:
+        kernel[~pair_mask] = 0.0
+    return kernel
+
+
+def model_fingerprint(model) -> dict:
+    """name_or_path + SHA-256 of every weight: for models without a config identity (slow for big ones)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return {"name_or_path": getattr(model, "name_or_path", type(model).__name__), "weights_sha256": digest.hexdigest()}
+
+
+def kernel_key(*, model, tokenizer, rows, cols, template: UtilityTemplate, max_length: int, model_identity=None,
+               approximation: dict | None = None) -> tuple[str, dict]:
+    """(key, parts): everything that determines the kernel's numbers, and nothing that doesn't.
+
+    The engine (naive or fast), batch size and tile size are left out: the exact engines give the
+    same numbers, and tiles carry their ranges in their names. An approximation is part of the key.
+    """
+    parts = {
+        "formula": FORMULA,
+        "model": model_identity if model_identity is not None else model_fingerprint(model),
+        "dtype": str(next(model.parameters()).dtype),
+        "tokenizer": tokenizer_identity(tokenizer),
+        "template": template.identity(),
+        "max_length": max_length,
+        "rows": records_hash(rows),
+        "cols": records_hash(cols),
+        "approximation": approximation,
+    }
+    return content_hash(parts), parts
