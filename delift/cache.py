@@ -51,6 +51,10 @@ def _atomic_path(path: Path, suffix: str):
             os.unlink(tmp)
 
 
+class UnreadableCacheFile(DeliftInputError):
+    """A truncated or unreadable cache file (a crash mid-write elsewhere): recompute it."""
+
+
 def save_npy(path, array: np.ndarray) -> None:
     with _atomic_path(Path(path), ".npy") as tmp:
         with open(tmp, "wb") as fh:
@@ -60,15 +64,21 @@ def save_npy(path, array: np.ndarray) -> None:
 
 
 def load_npy(path, *, shape=None, dtype=None, mmap: bool = False) -> np.ndarray:
-    """Load a cached array, refusing a truncated file or one of the wrong shape or dtype."""
+    """Load a cached array.
+
+    A truncated or unreadable file raises UnreadableCacheFile (callers recompute it); a readable
+    one of the wrong shape or dtype was not written by this code for this key, so it is an error.
+    """
     try:
         array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
-        raise DeliftInputError(f"unreadable or truncated array ({err})", file=path) from err
+        raise UnreadableCacheFile(f"unreadable or truncated array ({err})", file=path) from err
     if shape is not None and tuple(array.shape) != tuple(shape):
-        raise DeliftInputError(f"has shape {tuple(array.shape)}, expected {tuple(shape)}", file=path)
+        raise DeliftInputError(f"has shape {tuple(array.shape)}, expected {tuple(shape)}; this cache entry is not "
+                               "ours: delete it to recompute", file=path)
     if dtype is not None and array.dtype != np.dtype(dtype):
-        raise DeliftInputError(f"has dtype {array.dtype}, expected {np.dtype(dtype)}", file=path)
+        raise DeliftInputError(f"has dtype {array.dtype}, expected {np.dtype(dtype)}; this cache entry is not "
+                               "ours: delete it to recompute", file=path)
     return array
 
 
@@ -98,8 +108,8 @@ def cached_array(path, compute, *, shape=None, dtype=None) -> np.ndarray:
         if path.exists():
             try:
                 return load_npy(path, shape=shape, dtype=dtype)
-            except DeliftInputError:
-                path.unlink()  # a bad cache entry is recomputed, never trusted
+            except UnreadableCacheFile:
+                path.unlink()  # a half-written entry is recomputed, never trusted
         array = compute()
         save_npy(path, array)
         return array

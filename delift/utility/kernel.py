@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from delift.cache import cache_folder, file_lock, load_npy, save_json, save_npy
+from delift.cache import UnreadableCacheFile, cache_folder, file_lock, load_npy, save_json, save_npy
 from delift.errors import DeliftInputError
 from delift.objectives import minmax01
 from delift.records import validate_records
@@ -62,8 +62,8 @@ def compute_kernel(model, tokenizer, rows: Sequence[Mapping], cols: Sequence[Map
         if (folder / KERNEL_FILE).exists():
             try:
                 return load_npy(folder / KERNEL_FILE, shape=shape, dtype=np.float32)
-            except DeliftInputError:
-                pass  # an unreadable kernel is rebuilt from its tiles
+            except UnreadableCacheFile:
+                pass  # a half-written kernel is rebuilt from its tiles
         save_json(folder / "key.json", parts)
 
     tiles = plan_tiles(*shape, tile_size)

@@ -3,7 +3,7 @@
 A kernel folder `<cache_dir>/utility_kernel/<key>/` holds `key.json` (what the key hashes, for
 people), one `.npy` per finished tile and, once all are there, `kernel.npy`. Tile files are
 named by the rows and columns they cover, so a run with another tile size simply computes its
-own tiles. A tile file that does not load with the expected shape and dtype is recomputed.
+own tiles. A half-written tile file is recomputed; a readable one of the wrong shape or dtype is an error.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from delift.cache import content_hash, load_npy, records_hash
+from delift.cache import UnreadableCacheFile, content_hash, load_npy, records_hash
 from delift.errors import DeliftInputError
 from delift.utility.formatting import UtilityTemplate, tokenizer_identity
 
@@ -70,13 +70,16 @@ def plan_tiles(n_rows: int, n_cols: int, tile_size: int) -> list[Tile]:
 
 
 def read_tile(folder: Path, tile: Tile) -> np.ndarray | None:
-    """The finished tile, or None when it is missing or unreadable (then it is recomputed)."""
+    """The finished tile, or None when it is missing or half-written (then it is recomputed).
+
+    A readable tile of the wrong shape or dtype is an error naming the file (not ours to overwrite).
+    """
     path = Path(folder) / tile.file_name
     if not path.exists():
         return None
     try:
         return load_npy(path, shape=tile.shape, dtype=np.float32)
-    except DeliftInputError:
+    except UnreadableCacheFile:
         return None
 
 

