@@ -32,6 +32,29 @@ def test_every_stage_and_selector_end_to_end(stage, selector, tmp_path):
     assert len(predictions) == 24
 
 
+# Smaller pools keep the model-based selectors (kernels, gradients, ratings) to seconds each.
+SMALL_STAGES = {"instruction": [], "task": ["stage.sizes.pool.trivia=20", "stage.sizes.pool.gsm8k=4"],
+                "continual": ["stage.sizes.pool.mmlu=56", "stage.sizes.existing.trivia=10"]}
+SELECTOR_OPTIONS = {"delift": [], "delift_se": [], "selectit": [], "deft_ucs": [],
+                    "less": ["selector.projection_dim=256", "selector.warmup_epochs=1"]}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("selector", sorted(SELECTOR_OPTIONS))
+def test_every_stage_with_every_paper_selector(stage, selector, tmp_path):
+    cfg = compose_config([f"stage={stage}", f"selector={selector}", "model=tiny_qwen2", *FAST,
+                          *SMALL_STAGES[stage], *SELECTOR_OPTIONS[selector]], output_dir=tmp_path)
+    results = run(cfg)
+    selection = json.loads((tmp_path / "selection.json").read_text())
+    assert results["selector"] == selector
+    assert results["n_selected"] == len(set(selection["indices"])) == round(0.3 * results["n_pool"])
+    assert all(0 <= i < results["n_pool"] for i in selection["indices"])
+    if selector in ("delift", "delift_se"):
+        expected = {"instruction": "fl", "task": "flmi", "continual": "flcg"}[stage]
+        assert selection["info"]["objective"] == expected
+        assert len(selection["scores"]) == len(selection["indices"])  # the greedy gains
+
+
 def test_same_config_same_selection_and_seed_changes_it(tmp_path):
     def selection(seed, folder):
         cfg = compose_config(["task=select", "selector=random", f"seed={seed}"], output_dir=folder)

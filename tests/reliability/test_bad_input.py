@@ -12,7 +12,8 @@ GOOD = [{"id": f"r{i}", "instruction": "Answer.", "input": f"What is {i} + {i}?"
 
 def _pool_args(path):
     # The instruction stage with the user's file as its only pool source.
-    return ["task=select", "progress=false", "~dataset@stage.roles.pool.trivia", "~stage.sizes.pool.trivia",
+    return ["task=select", "selector=random", "progress=false", "~dataset@stage.roles.pool.trivia",
+            "~stage.sizes.pool.trivia",
             "~dataset@stage.roles.pool.mmlu", "~stage.sizes.pool.mmlu", "~dataset@stage.roles.pool.gsm8k",
             "~stage.sizes.pool.gsm8k", "+dataset@stage.roles.pool.mine=file", f"stage.roles.pool.mine.path={path}"]
 
@@ -52,7 +53,7 @@ def test_bad_data_file(case, tmp_path):
 @pytest.mark.parametrize("fraction", ["0", "1.5"])
 def test_bad_budget(fraction, tmp_path):
     path = _write(tmp_path / "good.jsonl", [json.dumps(r) for r in GOOD])
-    proc = run_py(_pool_args(path) + ["selector=random", f"selector.fraction={fraction}",
+    proc = run_py(_pool_args(path) + [f"selector.fraction={fraction}",
                                        f"paths.log_dir={tmp_path}"], cwd=tmp_path)
     _assert_one_line_error(proc, "selector.fraction")
 
@@ -115,8 +116,8 @@ def test_bad_records(case, tmp_path):
 
 def test_budget_that_rounds_to_zero_or_reaches_the_pool(tmp_path):
     path = _write(tmp_path / "good.jsonl", [json.dumps(r) for r in GOOD])
-    _expect_error(tmp_path, _pool_args(path) + ["selector=random", "selector.fraction=0.01"], "rounds to 0")
-    _expect_error(tmp_path, _pool_args(path) + ["selector=random", "selector.fraction=1.0"], "selector=full")
+    _expect_error(tmp_path, _pool_args(path) + ["selector.fraction=0.01"], "rounds to 0")
+    _expect_error(tmp_path, _pool_args(path) + ["selector.fraction=1.0"], "selector=full")
 
 
 def test_target_larger_than_pool(tmp_path):
@@ -139,7 +140,8 @@ def test_record_far_longer_than_the_context_is_truncated_not_fatal(tmp_path):
     rows = [dict(r) for r in GOOD]
     rows[0]["input"] = "a very long question " * 2000  # ~8k tokens against max_length 256
     path = _write(tmp_path / "long.jsonl", [json.dumps(r) for r in rows])
-    cfg_args = _pool_args(path) + ["model=tiny_qwen2", "selector=full", "trainer.max_steps=1",
+    cfg_args = [a for a in _pool_args(path) if a != "selector=random"] + ["model=tiny_qwen2", "selector=full",
+                                                                          "trainer.max_steps=1",
                                    "eval.max_new_tokens=2", "logger=csv"]
     from delift.pipeline import run
     from tests.helpers import compose_config
