@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -33,3 +34,30 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, 
             outputs[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
     model.train(was_training)
     return outputs
+
+
+@torch.no_grad()
+def next_token_log_probs(model, tokenizer, sequences: list[list[int]], token_ids: list[int], *, batch_size: int = 8,
+                         progress: bool = True, desc: str = "score tokens") -> np.ndarray:
+    """(len(sequences), len(token_ids)) float64: log p(token | sequence), full-vocabulary softmax.
+
+    Sequences are token ids, left-padded in length-sorted batches (little padding), with position
+    ids that padding does not shift; only the last position goes through the output head.
+    """
+    ids = torch.tensor(token_ids)
+    device = next(model.parameters()).device
+    out = np.zeros((len(sequences), len(token_ids)), dtype=np.float64)
+    order = sorted(range(len(sequences)), key=lambda i: (len(sequences[i]), i))
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+        width = max(len(sequences[i]) for i in batch)
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            input_ids[row, width - len(sequences[i]):] = torch.tensor(sequences[i])
+            mask[row, width - len(sequences[i]):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                       position_ids=positions.to(device), logits_to_keep=1).logits[:, -1, :]
+        out[batch] = torch.log_softmax(logits.double(), dim=-1)[:, ids.to(device)].cpu().numpy()
+    return out

@@ -24,10 +24,9 @@ import re
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from delift.errors import DeliftInputError
-from delift.generation import generate
+from delift.generation import generate, next_token_log_probs
 from delift.models import LoadedModel
 from delift.records import record_prompt
 from delift.selectors.selectit import score_token_ids
@@ -160,24 +159,10 @@ def check_score_position(tokenizer, score_ids: list[int]) -> None:
 def score_distributions(model, tokenizer, sequences: list[list[int]], *, batch_size: int = 8,
                         progress: bool = True) -> np.ndarray:
     """(n, 5) probabilities of the next token being "1".."5" after each sequence, renormalised over the five."""
-    ids = torch.tensor(score_token_ids(tokenizer))
-    device = next(model.parameters()).device
-    out = np.zeros((len(sequences), len(SCORES)), dtype=np.float64)
-    order = sorted(range(len(sequences)), key=lambda i: (len(sequences[i]), i))  # similar lengths: little padding
-    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc="judge score tokens", unit="batch", disable=not progress):
-        width = max(len(sequences[i]) for i in batch)
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):  # left padding: every sequence ends in the last column
-            input_ids[row, width - len(sequences[i]):] = torch.tensor(sequences[i])
-            mask[row, width - len(sequences[i]):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # so padding does not shift positions
-        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                       position_ids=positions.to(device), logits_to_keep=1).logits[:, -1, :]
-        # Softmax over the five score logits = full-vocabulary softmax renormalised over them.
-        out[batch] = torch.softmax(logits.double()[:, ids.to(device)], dim=-1).cpu().numpy()
-    return out
+    log_probs = next_token_log_probs(model, tokenizer, sequences, score_token_ids(tokenizer), batch_size=batch_size,
+                                     progress=progress, desc="judge score tokens")
+    # Renormalising the full-vocabulary probabilities over the five = a softmax of their log-probs.
+    return torch.softmax(torch.from_numpy(log_probs), dim=-1).numpy()
 
 
 class Judge:

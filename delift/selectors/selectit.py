@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from delift.cache import cache_folder, cached_array, content_hash, records_hash
 from delift.errors import DeliftInputError
+from delift.generation import next_token_log_probs
 from delift.records import record_prompt
 from delift.selectors.base import Selection, SelectionContext, Selector, register
 
@@ -124,25 +124,9 @@ def rating_sequences(tokenizer, records: list[dict], rating_prompts, *, max_leng
 def score_token_log_probs(loaded, sequences: list[list[int]], *, batch_size: int = 16,
                           progress: bool = True) -> np.ndarray:
     """(len(sequences), 5) float32: log p(score token | sequence) under the full-vocabulary softmax."""
-    model, tokenizer = loaded.model, loaded.tokenizer
-    ids = torch.tensor(score_token_ids(tokenizer))
-    device = next(model.parameters()).device
-    out = np.zeros((len(sequences), len(SCORE_TOKENS)), dtype=np.float32)
-    order = sorted(range(len(sequences)), key=lambda i: (len(sequences[i]), i))  # length buckets: little padding
-    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc="SelectIT rating", disable=not progress):
-        width = max(len(sequences[i]) for i in batch)
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):  # left padding: every sequence ends at the last column
-            input_ids[row, width - len(sequences[i]):] = torch.tensor(sequences[i])
-            mask[row, width - len(sequences[i]):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # so padding does not shift positions
-        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                       position_ids=positions.to(device), logits_to_keep=1).logits[:, -1, :]
-        log_probs = torch.log_softmax(logits.float(), dim=-1)[:, ids.to(device)]
-        out[batch] = log_probs.cpu().numpy()
-    return out
+    log_probs = next_token_log_probs(loaded.model, loaded.tokenizer, sequences, score_token_ids(loaded.tokenizer),
+                                     batch_size=batch_size, progress=progress, desc="SelectIT rating")
+    return log_probs.astype(np.float32)
 
 
 def model_size(model) -> int:
