@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import pytest
+# PyTorch's OpenMP threads spin-wait; on a busy 2-core machine that made forward passes ~35x slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from delift.models import PackagedGGUFModel, TinyRandomModel
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from delift.models import PackagedGGUFModel, TinyRandomModel  # noqa: E402
 
 # The converted SmolLM2 folder is reused across tests and runs; everything else goes to tmp_path.
 MODEL_CACHE = os.environ.get("DELIFT_CACHE_DIR", str(Path.home() / ".cache" / "delift"))

@@ -267,7 +267,7 @@ EXPECTED = {  # role -> {source: count}, for the offline defaults (stratified ho
     "instruction": {"pool": {"trivia": 17, "mmlu": 6, "gsm8k": 5}, "target": {"trivia": 5, "mmlu": 2, "gsm8k": 1},
                     "existing": {}, "eval": {"trivia": 14, "mmlu": 6, "gsm8k": 4}},
     "task": {"pool": {"trivia": 50, "gsm8k": 10}, "target": {"mmlu": 12}, "existing": {}, "eval": {"mmlu": 24}},
-    "continual": {"pool": {"mmlu": 60}, "target": {}, "existing": {"trivia": 30}, "eval": {"mmlu": 24}},
+    "continual": {"pool": {"mmlu": 52}, "target": {"mmlu": 8}, "existing": {"trivia": 30}, "eval": {"mmlu": 24}},
 }
 
 
