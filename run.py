@@ -9,6 +9,8 @@ from omegaconf import DictConfig
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Spin-waiting OpenMP threads slow PyTorch many times over when another job shares the cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 log = logging.getLogger("delift")
 
 
