@@ -7,6 +7,17 @@ import torch
 from tqdm.auto import tqdm
 
 
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), left-padded so that every sequence ends in the last column."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, batch_size: int = 8,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, max_prompt_tokens: int = 1024,
@@ -21,12 +32,8 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, 
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
     for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch", disable=not progress):
         batch = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in batch)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[row, width - len(encoded[i]):] = 1
+        ids, mask = left_pad([encoded[i] for i in batch], tokenizer.pad_token_id)
+        width = ids.shape[1]
         generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                    max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                                    pad_token_id=tokenizer.pad_token_id, **sampling)
@@ -50,12 +57,7 @@ def next_token_log_probs(model, tokenizer, sequences: list[list[int]], token_ids
     order = sorted(range(len(sequences)), key=lambda i: (len(sequences[i]), i))
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
-        width = max(len(sequences[i]) for i in batch)
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            input_ids[row, width - len(sequences[i]):] = torch.tensor(sequences[i])
-            mask[row, width - len(sequences[i]):] = 1
+        input_ids, mask = left_pad([sequences[i] for i in batch], tokenizer.pad_token_id)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                        position_ids=positions.to(device), logits_to_keep=1).logits[:, -1, :]
