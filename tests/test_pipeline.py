@@ -68,9 +68,9 @@ def test_same_config_same_selection_and_seed_changes_it(tmp_path):
 
 def test_multirun_writes_one_wandb_run_per_job(tmp_path):
     proc = run_py(["-m", "model=tiny_qwen2", "selector=random,initial", "seed=0,1", "trainer.max_steps=1",
-                    "eval.max_new_tokens=2", "progress=false", f"paths.log_dir={tmp_path}"], cwd=tmp_path)
+                    "eval.max_new_tokens=2", "progress=false"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    jobs = sorted(p for p in (tmp_path / "multiruns").glob("*/*/*") if (p / "results.json").exists())
+    jobs = sorted(p for p in (tmp_path / "outputs" / "multiruns").glob("*/*/*") if (p / "results.json").exists())
     assert len(jobs) == 4
     runs = [run_dir for job in jobs for run_dir in (job / "wandb").glob("offline-run-*")]
     assert len(runs) == 4 and len({r.name for r in runs}) == 4
