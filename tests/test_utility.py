@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 
 import lightning as L
 import numpy as np
@@ -19,7 +20,7 @@ from delift.errors import DeliftInputError
 from delift.records import make_record, record_text
 from delift.utility import UtilityTemplate, compute_kernel, normalize_kernel
 from delift.utility import kernel as kernel_module
-from delift.utility.engine import shared_heads
+from delift.utility.engine import FORCE_GQA, shared_heads
 from delift.utility.formatting import UtilityInputs
 
 ANSWER = "The secret code word is quartz-falcon."
@@ -48,6 +49,7 @@ def test_fast_engine_equals_naive_oracle(exact_kernels, smollm2):
     assert naive.shape == fast.shape == (4, 4) and fast.dtype == np.float32
     assert np.abs(naive).max() > 0.05  # real utilities, not ~0 from a random model
     assert np.abs(fast - naive).max() <= 1e-5
+    assert FORCE_GQA not in os.environ  # the fast engine's CPU attention switch does not leak out
 
 
 def test_demonstration_with_the_answer_helps_its_row(exact_kernels):

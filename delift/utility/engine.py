@@ -7,9 +7,11 @@ teacher forcing, T = response tokens + the closing EOS.
   tokenisation, the model's own logits at every position; length-bucketed padded batches.
 - fast (same numbers): each demonstration block (the one-shot prompt up to `{prompt_i}`) runs
   once per tile and its KV cache is reused by every query of that column; batches mix pairs of
-  any columns, bucketed by query length, over a fresh DynamicCache per batch built from copies
-  of the blocks (never mutated). Queries that open with the same tokens (a shared instruction)
-  run that opening once per column, as an extension of the block. The decoder runs for hidden
+  any columns, bucketed by query length, over a fresh cache per batch: one buffer per layer
+  holding copies of the blocks (never mutated) and room for the queries, written in place; on
+  CPU, SDPA reads the grouped key/value heads without copying them. Queries that open with the
+  same tokens (a shared instruction) run that opening once per column, as an extension of the
+  block. The decoder runs for hidden
   states and the output head only at the scored positions; the final EOS, which predicts
   nothing, is not fed. Pairs whose tokens merge across the boundary, or that need truncation,
   take the whole-string path (still head-at-scored-positions).
@@ -17,11 +19,13 @@ teacher forcing, T = response tokens + the closing EOS.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from delift.errors import DeliftInputError
 from delift.utility.formatting import ScoredSequence, UtilityInputs
@@ -33,6 +37,9 @@ HEAD_CHUNK_ELEMENTS = 1 << 25
 MIN_SHARED_TOKENS = 8
 
 ProgressHook = Callable[[int], None]
+
+# transformers' switch for SDPA's own grouped-query attention (read on every attention call).
+FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
 
 
 def length_batches(lengths: Sequence, batch_size: int) -> list[list[int]]:
@@ -118,7 +125,8 @@ def sequence_distances(model, sequences: Sequence[ScoredSequence], *, naive: boo
             logits = model(input_ids=batch.ids, attention_mask=batch.mask).logits
             probabilities = _target_probabilities(logits[batch.owner, batch.position], batch.targets)
         else:
-            hidden = model.get_decoder()(input_ids=batch.ids, attention_mask=batch.mask).last_hidden_state
+            hidden = model.get_decoder()(input_ids=batch.ids, attention_mask=batch.mask,
+                                         use_cache=False).last_hidden_state
             probabilities = _head_probabilities(model, hidden, batch)
         out[index] = batch.distances(probabilities).cpu().numpy()
         if on_scored:
@@ -150,23 +158,50 @@ def demonstration_caches(model, blocks: Sequence[Sequence[int]], *, pad_id: int,
     return caches
 
 
-def _cache_for_batch(model, block_kv, blocks: Sequence[int]) -> tuple[DynamicCache, torch.Tensor]:
-    """A fresh cache holding each batch row's demonstration, left-padded to the longest; its mask."""
+class _PrefilledLayer(DynamicLayer):
+    """One layer's cache in a buffer allocated once for the blocks and the tokens still to come.
+
+    DynamicLayer concatenates on every update, which copies the whole cache; here the new keys
+    and values are written in place after the blocks.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, filled: int):
+        super().__init__()
+        self.keys, self.values, self.filled = keys, values, filled
+        self.device, self.is_initialized = keys.device, True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        end = self.filled + key_states.shape[-2]
+        self.keys[:, :, self.filled:end] = key_states
+        self.values[:, :, self.filled:end] = value_states
+        self.filled = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def get_seq_length(self) -> int:
+        return self.filled
+
+
+def _cache_for_batch(block_kv, blocks: Sequence[int], room: int) -> tuple[Cache, torch.Tensor]:
+    """A fresh cache holding each batch row's demonstration, left-padded to the longest, with `room`
+    positions after it for the tokens to run; and the blocks' mask."""
     lengths = [block_kv[b][0][0].shape[-2] for b in blocks]
     width = max(lengths)
     layers = []
     for layer in range(len(block_kv[blocks[0]])):
         keys, values = block_kv[blocks[0]][layer]
-        batch_keys = keys.new_zeros((len(blocks), keys.shape[0], width, keys.shape[-1]))
-        batch_values = values.new_zeros((len(blocks), values.shape[0], width, values.shape[-1]))
+        batch_keys = keys.new_empty((len(blocks), keys.shape[0], width + room, keys.shape[-1]))
+        batch_values = values.new_empty((len(blocks), values.shape[0], width + room, values.shape[-1]))
         for row, (b, length) in enumerate(zip(blocks, lengths)):
-            batch_keys[row, :, width - length:] = block_kv[b][layer][0]
-            batch_values[row, :, width - length:] = block_kv[b][layer][1]
-        layers.append((batch_keys, batch_values))
+            # Padding is masked, but must be finite: 0 * NaN would still reach the attention output.
+            batch_keys[row, :, :width - length] = 0
+            batch_values[row, :, :width - length] = 0
+            batch_keys[row, :, width - length:width] = block_kv[b][layer][0]
+            batch_values[row, :, width - length:width] = block_kv[b][layer][1]
+        layers.append(_PrefilledLayer(batch_keys, batch_values, width))
     mask = torch.zeros((len(blocks), width), dtype=torch.long, device=batch_keys.device)
     for row, length in enumerate(lengths):
         mask[row, width - length:] = 1
-    return DynamicCache(ddp_cache_data=layers, config=model.config), mask
+    return Cache(layers=layers), mask
 
 
 @torch.inference_mode()
@@ -177,7 +212,7 @@ def extend_caches(model, block_kv, head: Sequence[int], *, batch_size: int):
     head_ids = torch.tensor([list(head)], device=device)
     for start in range(0, len(block_kv), batch_size):
         blocks = list(range(start, min(start + batch_size, len(block_kv))))
-        cache, block_mask = _cache_for_batch(model, block_kv, blocks)
+        cache, block_mask = _cache_for_batch(block_kv, blocks, len(head))
         width = block_mask.shape[1]
         positions = block_mask.sum(dim=1, keepdim=True) + torch.arange(len(head), device=device)[None, :]
         attention = torch.cat([block_mask, torch.ones((len(blocks), len(head)), dtype=torch.long, device=device)], 1)
@@ -226,7 +261,7 @@ def query_distances(model, block_kv, pairs: Sequence[tuple[int, ScoredSequence]]
     for index in length_batches(lengths, batch_size):
         blocks = [pairs[k][0] for k in index]
         batch = _Batch([pairs[k][1] for k in index], feed_last=False, pad_id=pad_id, device=device)
-        cache, block_mask = _cache_for_batch(model, block_kv, blocks)
+        cache, block_mask = _cache_for_batch(block_kv, blocks, batch.ids.shape[1])
         block_lengths = block_mask.sum(dim=1, keepdim=True)
         positions = block_lengths + torch.arange(batch.ids.shape[1], device=device)[None, :]
         hidden = model.get_decoder()(input_ids=batch.ids, attention_mask=torch.cat([block_mask, batch.mask], dim=1),
@@ -269,6 +304,25 @@ def one_shot_distances(model, inputs: UtilityInputs, rows: Sequence[int], cols: 
     return out
 
 
+@contextlib.contextmanager
+def _grouped_query_attention(model):
+    """On CPU, let SDPA read the shared key/value heads directly instead of copying them once per
+    query head (transformers does that whenever there is a mask; torch's CPU kernel gives the same
+    bits either way). Not on GPUs, where a masked GQA call would leave the fused kernels."""
+    if _device(model).type != "cpu":
+        yield
+        return
+    before = os.environ.get(FORCE_GQA)
+    os.environ[FORCE_GQA] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[FORCE_GQA]
+        else:
+            os.environ[FORCE_GQA] = before
+
+
 def _cached_block_distances(model, inputs: UtilityInputs, rows, cols, pairs: np.ndarray, *, batch_size: int,
                             on_scored: ProgressHook | None) -> np.ndarray:
     """d for (row position, column position) `pairs` whose parts concatenate exactly, over cached blocks.
@@ -276,26 +330,27 @@ def _cached_block_distances(model, inputs: UtilityInputs, rows, cols, pairs: np.
     Each column's block runs once (the tile's columns bound the caches held at once); queries of a
     group sharing an opening run that opening once per column too, as an extension of the block.
     """
-    used = sorted(set(pairs[:, 1].tolist()))
-    slot = {c: k for k, c in enumerate(used)}
-    block_kv = demonstration_caches(model, [inputs.demo[cols[c]] for c in used], pad_id=inputs.pad_id,
-                                    batch_size=batch_size)
-    out = np.zeros(len(pairs), dtype=np.float32)
-    alone = np.ones(len(pairs), dtype=bool)
-    for head, members in shared_heads([inputs.query[i] for i in rows]):
-        chosen = np.flatnonzero(np.isin(pairs[:, 0], members))
-        group_cols = sorted(set(pairs[chosen, 1].tolist()))
-        if len(chosen) == len(group_cols):
-            continue  # one pair per column: nothing to share
-        extended = extend_caches(model, [block_kv[slot[c]] for c in group_cols], head, batch_size=batch_size)
-        where = {c: k for k, c in enumerate(group_cols)}
-        out[chosen] = query_distances(
-            model, extended, [(where[c], inputs.query_sequence(rows[r], skip=len(head))) for r, c in pairs[chosen]],
-            pad_id=inputs.pad_id, batch_size=batch_size, on_scored=on_scored)
-        alone[chosen] = False
-    rest = np.flatnonzero(alone)
-    if len(rest):
-        out[rest] = query_distances(model, block_kv, [(slot[c], inputs.query_sequence(rows[r]))
-                                                      for r, c in pairs[rest]],
-                                    pad_id=inputs.pad_id, batch_size=batch_size, on_scored=on_scored)
-    return out
+    with _grouped_query_attention(model):
+        used = sorted(set(pairs[:, 1].tolist()))
+        slot = {c: k for k, c in enumerate(used)}
+        block_kv = demonstration_caches(model, [inputs.demo[cols[c]] for c in used], pad_id=inputs.pad_id,
+                                        batch_size=batch_size)
+        out = np.zeros(len(pairs), dtype=np.float32)
+        alone = np.ones(len(pairs), dtype=bool)
+        for head, members in shared_heads([inputs.query[i] for i in rows]):
+            chosen = np.flatnonzero(np.isin(pairs[:, 0], members))
+            group_cols = sorted(set(pairs[chosen, 1].tolist()))
+            if len(chosen) == len(group_cols):
+                continue  # one pair per column: nothing to share
+            extended = extend_caches(model, [block_kv[slot[c]] for c in group_cols], head, batch_size=batch_size)
+            where = {c: k for k, c in enumerate(group_cols)}
+            out[chosen] = query_distances(
+                model, extended, [(where[c], inputs.query_sequence(rows[r], skip=len(head))) for r, c in pairs[chosen]],
+                pad_id=inputs.pad_id, batch_size=batch_size, on_scored=on_scored)
+            alone[chosen] = False
+        rest = np.flatnonzero(alone)
+        if len(rest):
+            out[rest] = query_distances(model, block_kv, [(slot[c], inputs.query_sequence(rows[r]))
+                                                          for r, c in pairs[rest]],
+                                        pad_id=inputs.pad_id, batch_size=batch_size, on_scored=on_scored)
+        return out
