@@ -39,6 +39,22 @@ def test_projection_is_seeded_and_blockwise_equals_full():
     assert not torch.equal(rademacher_matrix(8, in_dim, dim), matrix)
     # a prefix of the coordinates sees the same rows: the matrix does not depend on D's other rows
     assert torch.equal(rademacher_matrix(7, 100, dim), matrix[:100])
+    assert abs(float((matrix > 0).float().mean()) - 0.5) < 0.02  # fair signs from the unpacked random bytes
+    assert rademacher_matrix(7, 10, 13).shape == (10, 13)  # d need not be a multiple of 8
+
+
+def test_rows_projected_in_several_passes_equal_one_pass():
+    gradients = torch.randn(5, 300, generator=torch.Generator().manual_seed(1))
+    rows = [(("pool", 1), k, g) for k, g in enumerate(gradients)]
+
+    def projected(memory_gb):
+        out = {("pool", 1): np.zeros((5, 32), dtype=np.float32)}
+        LESSSelector(projection_dim=32, projection_memory_gb=memory_gb).project_rows(iter(rows), out, 300, seed=3)
+        return out[("pool", 1)]
+
+    one_pass, per_row = projected(1.0), projected(2 * 4 * 300 / 2 ** 30)  # room for two rows per pass
+    np.testing.assert_allclose(per_row, one_pass, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(one_pass, axis=1), 1.0, rtol=1e-5)
 
 
 def test_lr_weights_are_renormalised_epoch_lrs():

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from delift.cache import cache_folder, cached_array, content_hash, load_npy, records_hash, save_json
+from delift.cache import cache_folder, content_hash, load_npy, records_hash, save_json, save_npy
 from delift.errors import DeliftInputError
 from delift.selectors.base import Selection, SelectionContext, Selector, register
 
@@ -42,10 +42,15 @@ def _tile_seed(seed: int, tile: int) -> int:
 
 
 def projection_tile(seed: int, tile: int, rows: int, dim: int, device="cpu") -> torch.Tensor:
-    """Rows [tile * PROJECTION_TILE_ROWS, + rows) of the (D, dim) Rademacher matrix, scaled by 1/sqrt(dim)."""
+    """Rows [tile * PROJECTION_TILE_ROWS, + rows) of the (D, dim) Rademacher matrix, scaled by 1/sqrt(dim).
+
+    Each random byte gives eight signs (its bits): drawing one value per sign made generating the
+    matrix, not multiplying by it, the whole cost of LESS on a CPU.
+    """
     generator = torch.Generator(device=device).manual_seed(_tile_seed(seed, tile))
-    signs = torch.randint(0, 2, (rows, dim), generator=generator, device=device, dtype=torch.int8)
-    return (signs.float() * 2.0 - 1.0) / math.sqrt(dim)
+    packed = torch.randint(0, 256, (rows, -(-dim // 8)), generator=generator, device=device, dtype=torch.uint8)
+    bits = (packed[..., None] >> torch.arange(8, device=device, dtype=torch.uint8)) & 1
+    return bits.reshape(rows, -1)[:, :dim].float().mul_(2.0 / math.sqrt(dim)).sub_(1.0 / math.sqrt(dim))
 
 
 def rademacher_matrix(seed: int, in_dim: int, dim: int, device="cpu") -> torch.Tensor:
@@ -142,8 +147,8 @@ class LESSSelector(Selector):
     """LESS with a LoRA warm-up; `lora` / `optim` override keys of `ctx.train_options` for the warm-up."""
 
     def __init__(self, fraction: float = 0.3, warmup_fraction: float = 0.05, warmup_epochs: int = 2,
-                 projection_dim: int = 8192, grad_batch: int = 16, lora: dict | None = None,
-                 optim: dict | None = None, device: str = "auto"):
+                 projection_dim: int = 8192, grad_batch: int = 16, projection_memory_gb: float = 2.0,
+                 lora: dict | None = None, optim: dict | None = None, device: str = "auto"):
         super().__init__(fraction)
         if not 0.0 < warmup_fraction <= 1.0:
             raise DeliftInputError(f"must be in (0, 1], got {warmup_fraction}", field="selector.warmup_fraction")
@@ -153,6 +158,7 @@ class LESSSelector(Selector):
         self.warmup_epochs = int(warmup_epochs)
         self.projection_dim = int(projection_dim)
         self.grad_batch = int(grad_batch)
+        self.projection_memory_gb = float(projection_memory_gb)
         self.lora = dict(lora or {})
         self.optim = dict(optim or {})
         self.device = device
@@ -182,20 +188,51 @@ class LESSSelector(Selector):
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
-    def features(self, model, params, examples, checkpoint, *, adam: bool, seed: int, device, progress: bool,
-                 desc: str) -> np.ndarray:
-        """Unit-norm projected gradient features of `examples` at one checkpoint."""
+    def gradient_rows(self, model, params, examples, checkpoint, *, adam: bool, device, progress: bool, desc: str):
+        """Yield (example index, gradient row) for `examples` at one checkpoint (Adam direction if `adam`)."""
         if adam:
             names = [name for name, _ in params]
             exp_avg, exp_avg_sq, betas, eps = load_moments(checkpoint, names, device)
-        out = []
-        chunks = range(0, len(examples), self.grad_batch)
-        for start in tqdm(chunks, desc=desc, disable=not progress):
+        for start in tqdm(range(0, len(examples), self.grad_batch), desc=desc, disable=not progress):
             grads = example_gradients(model, [p for _, p in params], examples[start:start + self.grad_batch], device)
             if adam:
                 grads = adam_preconditioned(grads, exp_avg, exp_avg_sq, betas, eps)
-            out.append(_unit_rows(project(grads, self.projection_dim, seed)).cpu().numpy())
-        return np.concatenate(out).astype(np.float32)
+            yield from zip(range(start, start + len(grads)), grads)
+
+    def _all_gradient_rows(self, model, params, checkpoints, pool_examples, target_examples, device, progress):
+        """((epoch, is_pool), index, gradient) for every pool and target example at every checkpoint."""
+        from peft import set_peft_model_state_dict
+
+        for epoch, checkpoint in enumerate(checkpoints, start=1):
+            adapter = load_file(str(Path(checkpoint) / "adapter_model.safetensors"))
+            set_peft_model_state_dict(model, {k: v.to(device) for k, v in adapter.items()})
+            for adam, examples in ((True, pool_examples), (False, target_examples)):
+                desc = f"LESS {'pool' if adam else 'target'} gradients, epoch {epoch}"
+                for index, gradient in self.gradient_rows(model, params, examples, checkpoint, adam=adam,
+                                                          device=device, progress=progress, desc=desc):
+                    yield (epoch, adam), index, gradient
+
+    def project_rows(self, rows, outputs: dict, gradient_size: int, seed: int) -> None:
+        """Project (key, index, gradient) rows into unit rows of `outputs[key][index]`.
+
+        Generating the projection costs as much as D x d random signs per pass, so rows are
+        gathered up to `projection_memory_gb` of gradients and projected together.
+        """
+        per_pass = max(1, int(self.projection_memory_gb * 2 ** 30 // (4 * gradient_size)))
+        pending = []
+
+        def flush():
+            projected = _unit_rows(project(torch.stack([g for _, _, g in pending]), self.projection_dim, seed))
+            for (key, index, _), row in zip(pending, projected.cpu().numpy()):
+                outputs[key][index] = row
+            pending.clear()
+
+        for row in rows:
+            pending.append(row)
+            if len(pending) == per_pass:
+                flush()
+        if pending:
+            flush()
 
     def select(self, ctx: SelectionContext) -> Selection:
         pool, target = ctx.pool, ctx.target
@@ -207,7 +244,7 @@ class LESSSelector(Selector):
         loaded = ctx.model
         device = self._device()
         warmup = self.warmup_indices(len(pool), ctx.seed)
-        key = content_hash("less/v1", loaded.identity, records_hash(pool), lora, optim, warmup, self.projection_dim,
+        key = content_hash("less/v2", loaded.identity, records_hash(pool), lora, optim, warmup, self.projection_dim,
                            PROJECTION_TILE_ROWS, ctx.seed, device.type, self.use_chat_template(ctx))
         target_key = records_hash(target)[:16]
         folder = cache_folder(ctx.cache_dir, "less", key) if ctx.cache_dir is not None else None
@@ -233,8 +270,6 @@ class LESSSelector(Selector):
 
     def _compute(self, ctx, loaded, lora, optim, warmup, device, files):
         """Warm up, then features per checkpoint (written to `files` when caching)."""
-        from peft import set_peft_model_state_dict
-
         from delift.training import encode_example, finetune
 
         base_device = next(loaded.model.parameters()).device
@@ -252,23 +287,16 @@ class LESSSelector(Selector):
             try:
                 model.to(device).eval()  # dropout off: each gradient is a deterministic function of the example
                 params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-                pool_features, target_features = [], []
-                for epoch, checkpoint in enumerate(result.epoch_checkpoints, start=1):
-                    adapter = load_file(str(Path(checkpoint) / "adapter_model.safetensors"))
-                    set_peft_model_state_dict(model, {k: v.to(device) for k, v in adapter.items()})
-                    for adam, examples, out in ((True, pool_examples, pool_features),
-                                                (False, target_examples, target_features)):
-                        def compute(adam=adam, examples=examples):
-                            return self.features(model, params, examples, checkpoint, adam=adam, seed=ctx.seed,
-                                                 device=device, progress=ctx.progress,
-                                                 desc=f"LESS {'pool' if adam else 'target'} gradients, epoch {epoch}")
-
-                        if files:
-                            path = files[epoch - 1][0 if adam else 1]
-                            out.append(cached_array(path, compute, shape=(len(examples), self.projection_dim),
-                                                    dtype=np.float32))
-                        else:
-                            out.append(compute())
+                epochs = range(1, len(result.epoch_checkpoints) + 1)
+                parts = {(epoch, adam): np.zeros((len(examples), self.projection_dim), dtype=np.float32)
+                         for epoch in epochs for adam, examples in ((True, pool_examples), (False, target_examples))}
+                rows = self._all_gradient_rows(model, params, result.epoch_checkpoints, pool_examples,
+                                               target_examples, device, ctx.progress)
+                self.project_rows(rows, parts, sum(p.numel() for _, p in params), ctx.seed)
+                for (epoch, adam), features in parts.items() if files else ():
+                    save_npy(files[epoch - 1][0 if adam else 1], features)
+                pool_features = [parts[(epoch, True)] for epoch in epochs]
+                target_features = [parts[(epoch, False)] for epoch in epochs]
             finally:
                 model.unload()  # removes the LoRA layers: ctx.model is the base model again
                 for name, p in loaded.model.named_parameters():
