@@ -23,7 +23,9 @@ def _start(cache_dir, out):
 
 
 def _tiles(cache_dir):
-    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in Path(cache_dir).rglob("*shot_*.npy")}
+    """Finished tiles; the hidden temporary files of writes in flight can vanish while we look."""
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in Path(cache_dir).rglob("*shot_*.npy")
+            if not p.name.startswith(".")}
 
 
 def _finish(cache_dir, out):
