@@ -68,7 +68,7 @@ def compute_kernels(selector, ctx: SelectionContext, output_dir: Path, timings: 
                                field="selector")
     objective = selector.resolve_objective(ctx)
     with _timed(timings, "kernel"):
-        kernels = selector.kernels(ctx, objective)
+        kernels, _ = selector.kernels(ctx, objective)
     summary = {}
     for name, kernel in ((n, k) for n, k in kernels.items() if k is not None):
         plot_kernel(kernel, output_dir / f"{name}.png", title=f"{selector.name} {name} ({ctx.stage})")

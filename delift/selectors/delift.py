@@ -45,8 +45,9 @@ class KernelObjectiveSelector(Selector):
                                    field="selector.objective")
         return objective
 
-    def kernels(self, ctx: SelectionContext, objective: str) -> dict[str, np.ndarray]:
-        """The kernels `objective` needs: pool x pool (not FL2MI), pool x target/existing where it has one."""
+    def kernels(self, ctx: SelectionContext, objective: str) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """The kernels `objective` needs: pool x pool (not FL2MI), pool x target/existing where it has one;
+        and the seconds each took."""
         timings, kernels = {}, {"kernel": None}
         if objective in POOL_KERNEL_OBJECTIVES:
             started = time.perf_counter()
@@ -61,16 +62,15 @@ class KernelObjectiveSelector(Selector):
             started = time.perf_counter()
             kernels[name] = self.pairwise(ctx, ctx.pool, columns)
             timings[f"kernel_{role}"] = time.perf_counter() - started
-        self._timings = {k: round(v, 2) for k, v in timings.items()}
-        return kernels
+        return kernels, {k: round(v, 2) for k, v in timings.items()}
 
     def select(self, ctx: SelectionContext) -> Selection:
         objective = self.resolve_objective(ctx)
-        kernels = self.kernels(ctx, objective)
+        kernels, timings = self.kernels(ctx, objective)
         started = time.perf_counter()
         result = maximize(kernels.pop("kernel"), self.budget(len(ctx.pool)), objective, eta=self.eta, nu=self.nu,
                           backend=self.backend, progress=ctx.progress, **kernels)
-        timings = self._timings | {"greedy": round(time.perf_counter() - started, 2)}
+        timings["greedy"] = round(time.perf_counter() - started, 2)
         return Selection(indices=list(result.indices), scores=[float(g) for g in result.gains],
                          objective_value=float(result.value),
                          info={"objective": objective, "backend": self.backend, "timings": timings})
