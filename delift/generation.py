@@ -9,12 +9,22 @@ from tqdm.auto import tqdm
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), left-padded so that every sequence ends in the last column."""
+    return _pad(sequences, pad_id, left=True)
+
+
+def right_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), right-padded: every sequence starts in the first column."""
+    return _pad(sequences, pad_id, left=False)
+
+
+def _pad(sequences, pad_id: int, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(seq) for seq in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-        mask[row, width - len(seq):] = 1
+        columns = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, columns] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, columns] = 1
     return ids, mask
 
 

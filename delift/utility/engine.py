@@ -28,6 +28,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from delift.errors import DeliftInputError
+from delift.generation import right_pad
 from delift.utility.formatting import ScoredSequence, UtilityInputs
 
 # Logit elements the fast engine's output head holds at once (128 MB in fp32).
@@ -59,14 +60,10 @@ class _Batch:
     """Right-padded inputs of a batch and where its targets sit."""
 
     def __init__(self, sequences: Sequence[ScoredSequence], *, feed_last: bool, pad_id: int, device):
-        inputs = [s.context + (s.targets if feed_last else s.targets[:-1]) for s in sequences]
-        width = max(map(len, inputs))
-        self.ids = torch.full((len(inputs), width), pad_id, dtype=torch.long)
-        self.mask = torch.zeros((len(inputs), width), dtype=torch.long)
+        self.ids, self.mask = right_pad([s.context + (s.targets if feed_last else s.targets[:-1])
+                                         for s in sequences], pad_id)
         owner, position, slot, targets = [], [], [], []
-        for b, (seq, tokens) in enumerate(zip(sequences, inputs)):
-            self.ids[b, :len(tokens)] = torch.tensor(tokens)
-            self.mask[b, :len(tokens)] = 1
+        for b, seq in enumerate(sequences):
             # The position of token k predicts token k + 1: the context's EOS predicts the first target.
             first = len(seq.context) - 1
             owner += [b] * len(seq.targets)
@@ -145,12 +142,7 @@ def demonstration_caches(model, blocks: Sequence[Sequence[int]], *, pad_id: int,
     caches = [None] * len(blocks)
     device = _device(model)
     for index in length_batches([len(b) for b in blocks], batch_size):
-        width = max(len(blocks[k]) for k in index)
-        ids = torch.full((len(index), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(index), width), dtype=torch.long)
-        for row, k in enumerate(index):
-            ids[row, :len(blocks[k])] = torch.tensor(list(blocks[k]))
-            mask[row, :len(blocks[k])] = 1
+        ids, mask = right_pad([blocks[k] for k in index], pad_id)
         cache = model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True).cache
         for row, k in enumerate(index):
             length = len(blocks[k])
