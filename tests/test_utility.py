@@ -20,7 +20,7 @@ from delift.errors import DeliftInputError
 from delift.records import make_record, record_text
 from delift.utility import UtilityTemplate, compute_kernel, normalize_kernel
 from delift.utility import kernel as kernel_module
-from delift.utility.engine import FORCE_GQA, shared_heads
+from delift.utility.engine import FORCE_GQA, BlockCache, shared_heads
 from delift.utility.formatting import UtilityInputs
 
 ANSWER = "The secret code word is quartz-falcon."
@@ -232,3 +232,26 @@ def test_normalize_kernel_is_one_global_min_max():
     assert np.array_equal(normalize_kernel(np.full((2, 3), 0.4)), np.zeros((2, 3), dtype=np.float32))
     with pytest.raises(DeliftInputError, match="must be finite"):
         normalize_kernel(np.array([[np.nan]]))
+
+
+def test_block_cache_gives_each_batch_its_blocks_right_aligned_after_zeros():
+    lengths = [3, 1, 2]
+    blocks = [(torch.randn(2, n, 4), torch.randn(2, n, 4)) for n in lengths]
+    cached = BlockCache(lengths)
+    for b, (keys, values) in enumerate(blocks):
+        for layer in range(2):
+            cached.store(b, layer, keys + layer, values - layer)
+    cache, mask = cached.for_batch([2, 0, 1], room=5)
+    assert mask.tolist() == [[0, 1, 1], [1, 1, 1], [0, 0, 1]]
+    for layer, computed in enumerate(cache.layers):
+        assert computed.keys.shape == (3, 2, 3 + 5, 4) and computed.get_seq_length() == 3
+        for row, b in enumerate([2, 0, 1]):
+            pad = 3 - lengths[b]
+            assert torch.equal(computed.keys[row, :, pad:3], blocks[b][0] + layer)
+            assert torch.equal(computed.values[row, :, pad:3], blocks[b][1] - layer)
+            assert not computed.keys[row, :, :pad].any() and not computed.values[row, :, :pad].any()
+    # New tokens land after the blocks, in place, and the stored blocks stay untouched.
+    layer = cache.layers[0]
+    keys, values = layer.update(torch.ones(3, 2, 2, 4), torch.ones(3, 2, 2, 4))
+    assert keys.shape == (3, 2, 5, 4) and bool((keys[:, :, 3:] == 1).all()) and layer.get_seq_length() == 5
+    assert torch.equal(cached.for_batch([0], room=0)[0].layers[0].keys[0], blocks[0][0])

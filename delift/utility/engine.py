@@ -131,25 +131,6 @@ def sequence_distances(model, sequences: Sequence[ScoredSequence], *, naive: boo
     return out
 
 
-@torch.inference_mode()
-def demonstration_caches(model, blocks: Sequence[Sequence[int]], *, pad_id: int,
-                         batch_size: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Per demonstration block, per layer: its (keys, values), (heads, block length, head dim).
-
-    Blocks run in right-padded batches: under the causal mask a block's own positions never see
-    the padding after it.
-    """
-    caches = [None] * len(blocks)
-    device = _device(model)
-    for index in length_batches([len(b) for b in blocks], batch_size):
-        ids, mask = right_pad([blocks[k] for k in index], pad_id)
-        cache = model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True).cache
-        for row, k in enumerate(index):
-            length = len(blocks[k])
-            caches[k] = [(layer.keys[row, :, :length], layer.values[row, :, :length]) for layer in cache.layers]
-    return caches
-
-
 class _PrefilledLayer(DynamicLayer):
     """One layer's cache in a buffer allocated once for the blocks and the tokens still to come.
 
@@ -173,46 +154,87 @@ class _PrefilledLayer(DynamicLayer):
         return self.filled
 
 
-def _cache_for_batch(block_kv, blocks: Sequence[int], room: int) -> tuple[Cache, torch.Tensor]:
-    """A fresh cache holding each batch row's demonstration, left-padded to the longest, with `room`
-    positions after it for the tokens to run; and the blocks' mask."""
-    lengths = [block_kv[b][0][0].shape[-2] for b in blocks]
-    width = max(lengths)
-    layers = []
-    for layer in range(len(block_kv[blocks[0]])):
-        keys, values = block_kv[blocks[0]][layer]
-        batch_keys = keys.new_empty((len(blocks), keys.shape[0], width + room, keys.shape[-1]))
-        batch_values = values.new_empty((len(blocks), values.shape[0], width + room, values.shape[-1]))
-        for row, (b, length) in enumerate(zip(blocks, lengths)):
-            # Padding is masked, but must be finite: 0 * NaN would still reach the attention output.
-            batch_keys[row, :, :width - length] = 0
-            batch_values[row, :, :width - length] = 0
-            batch_keys[row, :, width - length:width] = block_kv[b][layer][0]
-            batch_values[row, :, width - length:width] = block_kv[b][layer][1]
-        layers.append(_PrefilledLayer(batch_keys, batch_values, width))
-    mask = torch.zeros((len(blocks), width), dtype=torch.long, device=batch_keys.device)
-    for row, length in enumerate(lengths):
-        mask[row, width - length:] = 1
-    return Cache(layers=layers), mask
+class BlockCache:
+    """Cached demonstration blocks: per layer, all blocks' keys (and values) packed one after the
+    other along the sequence, (kv heads, total length + 1, head dim), the last position all zeros.
+
+    Packed rather than padded, so memory is the blocks' total length; a batch gathers its blocks
+    in one indexing per layer, each right-aligned after zero padding (masked, but it must be
+    finite: 0 * NaN would still reach the attention output).
+    """
+
+    def __init__(self, lengths: Sequence[int]):
+        self.lengths = torch.tensor(list(lengths), dtype=torch.long)
+        self.offsets = torch.cumsum(self.lengths, 0) - self.lengths
+        self.keys, self.values = [], []  # per layer, allocated when its first block is stored
+
+    def store(self, block: int, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Block `block`'s (heads, length, head dim) keys and values at `layer`."""
+        if layer == len(self.keys):
+            size = (keys.shape[0], int(self.lengths.sum()) + 1, keys.shape[-1])
+            self.keys.append(keys.new_zeros(size))
+            self.values.append(values.new_zeros(size))
+        start = int(self.offsets[block])
+        self.keys[layer][:, start:start + keys.shape[1]] = keys
+        self.values[layer][:, start:start + values.shape[1]] = values
+
+    def for_batch(self, blocks: Sequence[int], room: int) -> tuple[Cache, torch.Tensor]:
+        """A fresh cache holding the `blocks`, left-padded to the longest, with `room` positions
+        after them for the tokens to run; and the blocks' attention mask."""
+        lengths = self.lengths[list(blocks)]
+        width = int(lengths.max())
+        step = torch.arange(width)
+        padding = (width - lengths)[:, None]
+        zero_slot = self.keys[0].shape[1] - 1
+        where = torch.where(step >= padding, self.offsets[list(blocks)][:, None] + step - padding, zero_slot)
+        where = where.to(self.keys[0].device)
+        layers = []
+        for keys, values in zip(self.keys, self.values):
+            heads, _, head_dim = keys.shape
+            batch_keys = keys.new_empty((len(blocks), heads, width + room, head_dim))
+            batch_values = values.new_empty((len(blocks), heads, width + room, head_dim))
+            batch_keys[:, :, :width] = keys[:, where].transpose(0, 1)
+            batch_values[:, :, :width] = values[:, where].transpose(0, 1)
+            layers.append(_PrefilledLayer(batch_keys, batch_values, width))
+        return Cache(layers=layers), (step >= padding).long().to(where.device)
 
 
 @torch.inference_mode()
-def extend_caches(model, block_kv, head: Sequence[int], *, batch_size: int):
-    """Each cached block continued by the same `head` tokens (the opening its queries share)."""
-    extended = []
+def demonstration_caches(model, blocks: Sequence[Sequence[int]], *, pad_id: int, batch_size: int) -> BlockCache:
+    """Every demonstration block run once, in right-padded batches (under the causal mask a
+    block's own positions never see the padding after it), its keys and values kept."""
+    cached = BlockCache([len(b) for b in blocks])
+    device = _device(model)
+    for index in length_batches([len(b) for b in blocks], batch_size):
+        ids, mask = right_pad([blocks[k] for k in index], pad_id)
+        cache = model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True).cache
+        for row, k in enumerate(index):
+            length = len(blocks[k])
+            for layer, computed in enumerate(cache.layers):
+                cached.store(k, layer, computed.keys[row, :, :length], computed.values[row, :, :length])
+    return cached
+
+
+@torch.inference_mode()
+def extend_caches(model, cached: BlockCache, blocks: Sequence[int], head: Sequence[int], *,
+                  batch_size: int) -> BlockCache:
+    """The `blocks` of `cached`, each continued by the same `head` tokens (the opening its queries share)."""
+    blocks = list(blocks)
+    extended = BlockCache([int(cached.lengths[b]) + len(head) for b in blocks])
     device = _device(model)
     head_ids = torch.tensor([list(head)], device=device)
-    for start in range(0, len(block_kv), batch_size):
-        blocks = list(range(start, min(start + batch_size, len(block_kv))))
-        cache, block_mask = _cache_for_batch(block_kv, blocks, len(head))
+    for start in range(0, len(blocks), batch_size):
+        chunk = range(start, min(start + batch_size, len(blocks)))
+        cache, block_mask = cached.for_batch([blocks[k] for k in chunk], len(head))
         width = block_mask.shape[1]
         positions = block_mask.sum(dim=1, keepdim=True) + torch.arange(len(head), device=device)[None, :]
-        attention = torch.cat([block_mask, torch.ones((len(blocks), len(head)), dtype=torch.long, device=device)], 1)
-        cache = model.get_decoder()(input_ids=head_ids.expand(len(blocks), -1), attention_mask=attention,
+        attention = torch.cat([block_mask, torch.ones((len(chunk), len(head)), dtype=torch.long, device=device)], 1)
+        cache = model.get_decoder()(input_ids=head_ids.expand(len(chunk), -1), attention_mask=attention,
                                     position_ids=positions, cache=cache, use_cache=True).cache
-        for row, b in enumerate(blocks):
-            first = width - block_kv[b][0][0].shape[-2]  # drop the left padding
-            extended.append([(layer.keys[row, :, first:], layer.values[row, :, first:]) for layer in cache.layers])
+        for row, k in enumerate(chunk):
+            first = width - int(cached.lengths[blocks[k]])  # drop the left padding
+            for layer, computed in enumerate(cache.layers):
+                extended.store(k, layer, computed.keys[row, :, first:], computed.values[row, :, first:])
     return extended
 
 
@@ -237,23 +259,23 @@ def shared_heads(queries: Sequence[Sequence[int]]) -> list[tuple[list[int], list
 
 
 @torch.inference_mode()
-def query_distances(model, block_kv, pairs: Sequence[tuple[int, ScoredSequence]], *, pad_id: int, batch_size: int,
+def query_distances(model, cached: BlockCache, pairs: Sequence[tuple[int, ScoredSequence]], *, pad_id: int, batch_size: int,
                     on_scored: ProgressHook | None = None) -> np.ndarray:
-    """d for each (demonstration block index, query sequence) pair, the block read from `block_kv`.
+    """d for each (demonstration block index, query sequence) pair, the block read from `cached`.
 
     Pairs of any columns share a batch, bucketed by query length: the cached blocks are
     left-padded (masked) and each query keeps its true positions, block length + t. Cached keys
     already carry their rotary positions, so where a block sits in the padded cache is immaterial.
-    The cache is copied for every batch, so `block_kv` is never mutated.
+    The blocks are copied into every batch's cache, so `cached` is never mutated.
     """
     out = np.zeros(len(pairs), dtype=np.float32)
     device = _device(model)
     # Pairs of one row share a query length; ordering them by block length keeps the padded cache short.
-    lengths = [(len(s.context) + len(s.targets), block_kv[b][0][0].shape[-2]) for b, s in pairs]
+    lengths = [(len(s.context) + len(s.targets), int(cached.lengths[b])) for b, s in pairs]
     for index in length_batches(lengths, batch_size):
         blocks = [pairs[k][0] for k in index]
         batch = _Batch([pairs[k][1] for k in index], feed_last=False, pad_id=pad_id, device=device)
-        cache, block_mask = _cache_for_batch(block_kv, blocks, batch.ids.shape[1])
+        cache, block_mask = cached.for_batch(blocks, batch.ids.shape[1])
         block_lengths = block_mask.sum(dim=1, keepdim=True)
         positions = block_lengths + torch.arange(batch.ids.shape[1], device=device)[None, :]
         hidden = model.get_decoder()(input_ids=batch.ids, attention_mask=torch.cat([block_mask, batch.mask], dim=1),
@@ -325,7 +347,7 @@ def _cached_block_distances(model, inputs: UtilityInputs, rows, cols, pairs: np.
     with _grouped_query_attention(model):
         used = sorted(set(pairs[:, 1].tolist()))
         slot = {c: k for k, c in enumerate(used)}
-        block_kv = demonstration_caches(model, [inputs.demo[cols[c]] for c in used], pad_id=inputs.pad_id,
+        cached = demonstration_caches(model, [inputs.demo[cols[c]] for c in used], pad_id=inputs.pad_id,
                                         batch_size=batch_size)
         out = np.zeros(len(pairs), dtype=np.float32)
         alone = np.ones(len(pairs), dtype=bool)
@@ -334,7 +356,7 @@ def _cached_block_distances(model, inputs: UtilityInputs, rows, cols, pairs: np.
             group_cols = sorted(set(pairs[chosen, 1].tolist()))
             if len(chosen) == len(group_cols):
                 continue  # one pair per column: nothing to share
-            extended = extend_caches(model, [block_kv[slot[c]] for c in group_cols], head, batch_size=batch_size)
+            extended = extend_caches(model, cached, [slot[c] for c in group_cols], head, batch_size=batch_size)
             where = {c: k for k, c in enumerate(group_cols)}
             out[chosen] = query_distances(
                 model, extended, [(where[c], inputs.query_sequence(rows[r], skip=len(head))) for r, c in pairs[chosen]],
@@ -342,7 +364,7 @@ def _cached_block_distances(model, inputs: UtilityInputs, rows, cols, pairs: np.
             alone[chosen] = False
         rest = np.flatnonzero(alone)
         if len(rest):
-            out[rest] = query_distances(model, block_kv, [(slot[c], inputs.query_sequence(rows[r]))
+            out[rest] = query_distances(model, cached, [(slot[c], inputs.query_sequence(rows[r]))
                                                           for r, c in pairs[rest]],
                                         pad_id=inputs.pad_id, batch_size=batch_size, on_scored=on_scored)
         return out
