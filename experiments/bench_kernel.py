@@ -1,9 +1,9 @@
 """Benchmark the utility-kernel engines on the offline SmolLM2 (fp32, CPU): naive vs fast (exact).
 
-    python experiments/bench_kernel.py --n 48 --batch-size 16 --repeats 1 [--knn-k 8]
+    python experiments/bench_kernel.py --n 48 --batch-size 16 --repeats 3 [--knn-k 8]
 
 Builds a fixed mixed sample of the packaged pools (trivia, MMLU, GSM8K; seeded), computes the
-n x n kernel with both engines in the same run and prints, per engine: pairs/s, scored tokens/s,
+n x n kernel with both engines in the same run (repeats alternate them) and prints, per engine: pairs/s, scored tokens/s,
 tokens processed and the achieved model FLOP/s as a fraction of a fp32 matmul peak measured here;
 then the speed ratio and the max |fast - naive|. With --knn-k, also the knn approximation and the
 overlap of its facility-location greedy picks with the exact kernel's.
@@ -97,19 +97,15 @@ class WorkCounter:
         return counts
 
 
-def timed_kernel(model, tokenizer, records, repeats: int, **options) -> tuple[float, float, np.ndarray]:
-    """Median wall and CPU seconds of `repeats` uncached kernel computations, and the kernel.
+def timed_kernel(model, tokenizer, records, **options) -> tuple[float, float, np.ndarray]:
+    """Wall and CPU seconds of one uncached kernel computation, and the kernel.
 
     CPU time is what this process itself used: on a machine shared with other jobs it moves far
     less than wall time, so the speed-up is also given from it.
     """
-    walls, cpus, kernel = [], [], None
-    for _ in range(repeats):
-        wall, cpu = time.perf_counter(), time.process_time()
-        kernel = compute_kernel(model, tokenizer, records, progress=False, **options)
-        walls.append(time.perf_counter() - wall)
-        cpus.append(time.process_time() - cpu)
-    return statistics.median(walls), statistics.median(cpus), kernel
+    wall, cpu = time.perf_counter(), time.process_time()
+    kernel = compute_kernel(model, tokenizer, records, progress=False, **options)
+    return time.perf_counter() - wall, time.process_time() - cpu, kernel
 
 
 def fl_overlap(exact: np.ndarray, approx: np.ndarray, budget: int) -> str:
@@ -123,7 +119,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=48, help="records (the kernel is n x n)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=1, help="runs per engine; the median time is reported")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs per engine, alternating naive and fast; the median time is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--knn-k", type=int, default=None, help="also run the knn approximation with this k")
@@ -144,17 +141,28 @@ def main() -> None:
 
     scored = sum(len(inputs.targets[i]) for i in range(args.n)) * (args.n + 1)  # zero-shot + every column
     counter = WorkCounter(loaded.model)
-    results = {}
-    for engine in ("naive", "fast"):
-        seconds, cpu, kernel = timed_kernel(loaded.model, loaded.tokenizer, records, args.repeats, engine=engine,
-                                            batch_size=args.batch_size, tile_size=max(args.n, 1))
-        work = {k: v / args.repeats for k, v in counter.take().items()} | {"scored": scored}
-        results[engine] = (seconds, cpu, kernel)
-        print(f"{engine:>5}: {seconds:8.1f} s (cpu {cpu:8.1f} s)  {args.n ** 2 / seconds:7.2f} pairs/s  "
-              f"{work['scored'] / seconds:8.1f} scored tok/s  {work['fed'] / seconds:8.1f} fed tok/s  "
-              f"{work['flops'] / seconds / 1e9:6.1f} GFLOP/s = {work['flops'] / seconds / peak:5.1%} of peak")
-    (naive_s, naive_cpu, naive_k), (fast_s, fast_cpu, fast_k) = results["naive"], results["fast"]
-    print(f"speed-up fast/naive: {naive_s / fast_s:.2f}x wall, {naive_cpu / fast_cpu:.2f}x cpu; "
+    engines = ("naive", "fast")
+    walls, cpus, kernels, work = ({e: [] for e in engines} for _ in range(4))
+    # Repeats alternate the engines, so a machine that slows down over the run slows both.
+    for _ in range(args.repeats):
+        for engine in engines:
+            wall, cpu, kernels[engine] = timed_kernel(loaded.model, loaded.tokenizer, records, engine=engine,
+                                                      batch_size=args.batch_size, tile_size=max(args.n, 1))
+            walls[engine].append(wall)
+            cpus[engine].append(cpu)
+            work[engine].append(counter.take())
+    for engine in engines:
+        seconds, counts = statistics.median(walls[engine]), work[engine][0]
+        runs = ", ".join(f"{w:.1f}" for w in walls[engine])
+        print(f"{engine:>5}: {seconds:8.1f} s (runs {runs}; cpu {statistics.median(cpus[engine]):8.1f} s)  "
+              f"{args.n ** 2 / seconds:7.2f} pairs/s  {scored / seconds:8.1f} scored tok/s  "
+              f"{counts['fed'] / seconds:8.1f} fed tok/s  {counts['flops'] / seconds / 1e9:6.1f} GFLOP/s = "
+              f"{counts['flops'] / seconds / peak:5.1%} of peak")
+    ratios = [n / f for n, f in zip(walls["naive"], walls["fast"])]
+    naive_k, fast_k = kernels["naive"], kernels["fast"]
+    print(f"speed-up fast/naive: {statistics.median(walls['naive']) / statistics.median(walls['fast']):.2f}x wall "
+          f"(median of each), per repeat {', '.join(f'{r:.2f}x' for r in ratios)}; "
+          f"{statistics.median(cpus['naive']) / statistics.median(cpus['fast']):.2f}x cpu; "
           f"max |fast - naive| = {np.abs(fast_k - naive_k).max():.2e}; "
           f"UF range [{naive_k.min():.3f}, {naive_k.max():.3f}]")
 
@@ -162,9 +170,8 @@ def main() -> None:
         from delift.embeddings import Embedder
 
         embedder = Embedder("all-MiniLM-L6-v2", packaged=True)
-        seconds, _, approx = timed_kernel(loaded.model, loaded.tokenizer, records, args.repeats, engine="knn",
-                                      knn_k=args.knn_k, embedder=embedder, batch_size=args.batch_size,
-                                      tile_size=max(args.n, 1))
+        seconds, _, approx = timed_kernel(loaded.model, loaded.tokenizer, records, engine="knn", knn_k=args.knn_k,
+                                          embedder=embedder, batch_size=args.batch_size, tile_size=max(args.n, 1))
         budget = max(1, round(0.3 * args.n))
         print(f"  knn (k={args.knn_k}, APPROXIMATION): {seconds:.1f} s, {args.n * args.knn_k / seconds:.2f} pairs/s; "
               f"{fl_overlap(fast_k, approx, budget)}")
