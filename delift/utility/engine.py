@@ -181,12 +181,13 @@ class BlockCache:
     def for_batch(self, blocks: Sequence[int], room: int) -> tuple[Cache, torch.Tensor]:
         """A fresh cache holding the `blocks`, left-padded to the longest, with `room` positions
         after them for the tokens to run; and the blocks' attention mask."""
-        lengths = self.lengths[list(blocks)]
+        index = list(blocks)
+        lengths = self.lengths[index]
         width = int(lengths.max())
         step = torch.arange(width)
         padding = (width - lengths)[:, None]
         zero_slot = self.keys[0].shape[1] - 1
-        where = torch.where(step >= padding, self.offsets[list(blocks)][:, None] + step - padding, zero_slot)
+        where = torch.where(step >= padding, self.offsets[index][:, None] + step - padding, zero_slot)
         where = where.to(self.keys[0].device)
         layers = []
         for keys, values in zip(self.keys, self.values):
@@ -259,8 +260,8 @@ def shared_heads(queries: Sequence[Sequence[int]]) -> list[tuple[list[int], list
 
 
 @torch.inference_mode()
-def query_distances(model, cached: BlockCache, pairs: Sequence[tuple[int, ScoredSequence]], *, pad_id: int, batch_size: int,
-                    on_scored: ProgressHook | None = None) -> np.ndarray:
+def query_distances(model, cached: BlockCache, pairs: Sequence[tuple[int, ScoredSequence]], *, pad_id: int,
+                    batch_size: int, on_scored: ProgressHook | None = None) -> np.ndarray:
     """d for each (demonstration block index, query sequence) pair, the block read from `cached`.
 
     Pairs of any columns share a batch, bucketed by query length: the cached blocks are
@@ -348,7 +349,7 @@ def _cached_block_distances(model, inputs: UtilityInputs, rows, cols, pairs: np.
         used = sorted(set(pairs[:, 1].tolist()))
         slot = {c: k for k, c in enumerate(used)}
         cached = demonstration_caches(model, [inputs.demo[cols[c]] for c in used], pad_id=inputs.pad_id,
-                                        batch_size=batch_size)
+                                      batch_size=batch_size)
         out = np.zeros(len(pairs), dtype=np.float32)
         alone = np.ones(len(pairs), dtype=bool)
         for head, members in shared_heads([inputs.query[i] for i in rows]):
@@ -365,6 +366,6 @@ def _cached_block_distances(model, inputs: UtilityInputs, rows, cols, pairs: np.
         rest = np.flatnonzero(alone)
         if len(rest):
             out[rest] = query_distances(model, cached, [(slot[c], inputs.query_sequence(rows[r]))
-                                                          for r, c in pairs[rest]],
+                                                        for r, c in pairs[rest]],
                                         pad_id=inputs.pad_id, batch_size=batch_size, on_scored=on_scored)
         return out
