@@ -3,10 +3,10 @@
     python experiments/bench_kernel.py --n 48 --batch-size 16 --repeats 3 [--knn-k 8]
 
 Builds a fixed mixed sample of the packaged pools (trivia, MMLU, GSM8K; seeded), computes the
-n x n kernel with both engines in the same run (repeats alternate them) and prints, per engine: pairs/s, scored tokens/s,
-tokens processed and the achieved model FLOP/s as a fraction of a fp32 matmul peak measured here;
-then the speed ratio and the max |fast - naive|. With --knn-k, also the knn approximation and the
-overlap of its facility-location greedy picks with the exact kernel's.
+n x n kernel with both engines in the same run (repeats alternate them) and prints, per engine:
+pairs/s, scored tokens/s, tokens processed and the achieved model FLOP/s as a fraction of a fp32
+matmul peak measured here; then the speed ratio and the max |fast - naive|. With --knn-k, also
+the knn approximation and the overlap of its facility-location greedy picks with the exact kernel's.
 Threads: torch's default unless --threads is given.
 """
 
@@ -142,7 +142,8 @@ def main() -> None:
     scored = sum(len(inputs.targets[i]) for i in range(args.n)) * (args.n + 1)  # zero-shot + every column
     counter = WorkCounter(loaded.model)
     engines = ("naive", "fast")
-    walls, cpus, kernels, work = ({e: [] for e in engines} for _ in range(4))
+    walls, cpus = {e: [] for e in engines}, {e: [] for e in engines}
+    kernels, work = {}, {}  # the same in every repeat: the engines are deterministic
     # Repeats alternate the engines, so a machine that slows down over the run slows both.
     for _ in range(args.repeats):
         for engine in engines:
@@ -150,9 +151,9 @@ def main() -> None:
                                                       batch_size=args.batch_size, tile_size=max(args.n, 1))
             walls[engine].append(wall)
             cpus[engine].append(cpu)
-            work[engine].append(counter.take())
+            work[engine] = counter.take()
     for engine in engines:
-        seconds, counts = statistics.median(walls[engine]), work[engine][0]
+        seconds, counts = statistics.median(walls[engine]), work[engine]
         runs = ", ".join(f"{w:.1f}" for w in walls[engine])
         print(f"{engine:>5}: {seconds:8.1f} s (runs {runs}; cpu {statistics.median(cpus[engine]):8.1f} s)  "
               f"{args.n ** 2 / seconds:7.2f} pairs/s  {scored / seconds:8.1f} scored tok/s  "
