@@ -19,7 +19,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import random  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -27,21 +26,11 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from delift.data.packaged import load_gsm8k_offline, load_mmlu_offline, load_trivia_offline  # noqa: E402
+from delift.data.packaged import mixed_sample  # noqa: E402
 from delift.models import PackagedGGUFModel  # noqa: E402
 from delift.objectives import select  # noqa: E402
 from delift.utility import compute_kernel  # noqa: E402
 from delift.utility.formatting import UtilityInputs, UtilityTemplate  # noqa: E402
-
-
-def mixed_sample(n: int, seed: int) -> list[dict]:
-    """n records, a third each of trivia, MMLU and GSM8K (seeded), in a seeded order."""
-    rng = random.Random(seed)
-    pools = [load_trivia_offline(), load_mmlu_offline(limit=2000), load_gsm8k_offline()]
-    shares = [n // 3 + (k < n % 3) for k in range(3)]
-    records = [r for pool, share in zip(pools, shares) for r in rng.sample(pool, share)]
-    rng.shuffle(records)
-    return records
 
 
 def matmul_peak_flops(size: int = 1024, seconds: float = 3.0) -> float:

@@ -149,3 +149,13 @@ def load_trivia_offline(lists: list[str] | None = None, limit: int | None = None
             if limit is not None and len(records) >= limit:
                 return validate_records(records, file=folder)
     return validate_records(records, file=folder)
+
+
+def mixed_sample(n: int, seed: int) -> list[dict]:
+    """n records, a third each of trivia, MMLU and GSM8K (seeded), in a seeded order: the benchmarks' fixed mix."""
+    rng = random.Random(seed)
+    pools = [load_trivia_offline(), load_mmlu_offline(limit=2000), load_gsm8k_offline()]
+    shares = [n // 3 + (k < n % 3) for k in range(3)]
+    records = [r for pool, share in zip(pools, shares) for r in rng.sample(pool, share)]
+    rng.shuffle(records)
+    return records
