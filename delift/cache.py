@@ -82,6 +82,24 @@ def load_npy(path, *, shape=None, dtype=None, mmap: bool = False) -> np.ndarray:
     return array
 
 
+def save_safetensors(path, tensors: dict) -> None:
+    from safetensors.torch import save_file  # imports torch: only for the callers that save tensors
+
+    with _atomic_path(Path(path), ".safetensors") as tmp:
+        save_file({name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}, str(tmp))
+
+
+def load_safetensors(path) -> dict:
+    """Tensors saved by `save_safetensors`; a truncated or unreadable file raises UnreadableCacheFile."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UnreadableCacheFile(f"unreadable or truncated tensors ({err})", file=path) from err
+
+
 def save_json(path, obj) -> None:
     with _atomic_path(Path(path), ".json") as tmp:
         tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
