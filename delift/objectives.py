@@ -1,4 +1,4 @@
-"""DELIFT's submodular objectives and the greedy that maximises them (DESIGN.md 1.2).
+"""DELIFT's submodular objectives and the greedy that maximises them (DELIFT, ICLR 2025).
 
 Public API
 ----------

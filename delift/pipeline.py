@@ -23,6 +23,9 @@ from delift.training import finetune
 
 log = logging.getLogger(__name__)
 
+# Selection info that differs between runs of one config (seconds): results.json only.
+RUN_DEPENDENT_INFO = ("timings", "kernel_report")
+
 
 @contextmanager
 def _timed(timings: dict, name: str):
@@ -51,32 +54,77 @@ def write_selection(output_dir: Path, selection, selector, stage, budget: int | 
         "budget": budget, "n_pool": len(stage.pool), "seed": seed, "indices": selection.indices,
         "ids": [stage.pool[i]["id"] for i in selection.indices], "scores": selection.scores,
         "objective_value": selection.objective_value,
-        # Timings go to results.json: the same config must give a byte-identical selection.json.
-        "info": {k: v for k, v in selection.info.items() if k != "timings"},
+        # Timings and costs go to results.json: the same config must give a byte-identical selection.json.
+        "info": {k: v for k, v in selection.info.items() if k not in RUN_DEPENDENT_INFO},
     })
     save_jsonl(output_dir / "subset.jsonl", [stage.pool[i] for i in selection.indices])
 
 
-def compute_kernels(selector, ctx: SelectionContext, output_dir: Path, timings: dict) -> dict:
-    """`task=kernel`: compute (and cache) the kernels the selector's objective needs, and plot them."""
+def compute_kernels(selector, ctx: SelectionContext, output_dir: Path, timings: dict, dry_run: bool = False) -> dict:
+    """`task=kernel`: compute (and cache) the kernels the selector's objective needs, and plot them;
+    with `dry_run`, only plan them and estimate their time (plan.json)."""
     from delift.errors import DeliftInputError
     from delift.plots import plot_kernel
-    from delift.selectors.delift import KernelObjectiveSelector
+    from delift.selectors.delift import DeliftSelector, KernelObjectiveSelector
 
     if not isinstance(selector, KernelObjectiveSelector):
         raise DeliftInputError(f"task=kernel needs a kernel selector (delift, delift_se), not {selector.name!r}",
                                field="selector")
     objective = selector.resolve_objective(ctx)
+    if dry_run:
+        if not isinstance(selector, DeliftSelector):
+            raise DeliftInputError("kernel.dry_run plans the model's utility kernel: use selector=delift",
+                                   field="kernel.dry_run")
+        return plan_kernels(selector, ctx, objective, output_dir)
     with _timed(timings, "kernel"):
-        kernels, _ = selector.kernels(ctx, objective)
+        kernels, _, details = selector.kernels(ctx, objective)
     summary = {}
     for name, kernel in ((n, k) for n, k in kernels.items() if k is not None):
         plot_kernel(kernel, output_dir / f"{name}.png", title=f"{selector.name} {name} ({ctx.stage})")
-        summary[name] = {"shape": list(kernel.shape), "min": float(kernel.min()), "max": float(kernel.max()),
-                         "mean": float(kernel.mean())}
+        summary[name] = kernel_summary(kernel) | ({"details": details[name]} if name in details else {})
     results = {"stage": ctx.stage, "selector": selector.name, "objective": objective, "kernels": summary,
                "timings": timings}
     save_json(output_dir / "results.json", results)
+    return results
+
+
+def kernel_summary(kernel) -> dict:
+    """Shape and value range; for a sparse kernel over its stored entries, with their count."""
+    import scipy.sparse as sp
+
+    if sp.issparse(kernel):
+        values = kernel.data
+        return {"shape": list(kernel.shape), "sparse": True, "nnz": int(kernel.nnz),
+                "min": float(values.min()) if len(values) else 0.0, "max": float(values.max()) if len(values) else 0.0,
+                "mean": float(values.mean()) if len(values) else 0.0}
+    return {"shape": list(kernel.shape), "min": float(kernel.min()), "max": float(kernel.max()),
+            "mean": float(kernel.mean())}
+
+
+def plan_kernels(selector, ctx: SelectionContext, objective: str, output_dir: Path) -> dict:
+    """The dry run: each kernel's plan and a time estimate from one calibration (the model, the
+    tokenizer and a few batches; no embeddings, no kernel)."""
+    from delift.selectors.delift import engine_options
+    from delift.utility import UtilityTemplate
+    from delift.utility.plan import calibrate, describe, estimate_seconds, plan_kernel
+
+    options = engine_options(ctx.kernel_options)
+    plans, lines = {}, []
+    for name, (rows, cols) in selector.kernel_sources(ctx, objective).items():
+        plan = plan_kernel(len(rows), len(rows if cols is None else cols), engine=options.get("engine", "fast"),
+                           tile_size=options.get("tile_size", 64), knn_k=options.get("knn_k", 8),
+                           knn_random=options.get("knn_random", 0), features=options.get("features", "embedder"),
+                           proxy=options.get("proxy"), same_records=cols is None)
+        calibration = calibrate(ctx.model.model, ctx.model.tokenizer, rows, rows if cols is None else cols,
+                                template=UtilityTemplate.from_config(options.get("template")),
+                                max_length=options.get("max_length", 1024), engine=plan.engine,
+                                batch_size=options.get("batch_size", 16), reuse=plan.reuse,
+                                seed=options.get("seed", 0))
+        plans[name] = plan.to_dict() | calibration | {"estimated_seconds": round(estimate_seconds(plan, calibration), 1)}
+        lines.append(describe(plan, calibration, name=name))
+    results = {"stage": ctx.stage, "selector": selector.name, "objective": objective, "dry_run": True,
+               "plans": plans, "plan_lines": lines}
+    save_json(output_dir / "plan.json", results)
     return results
 
 
@@ -99,17 +147,20 @@ def run(cfg: DictConfig) -> dict:
              len(stage.existing), len(stage.eval))
 
     if cfg.task == "kernel":
-        return compute_kernels(selector, ctx, output_dir, timings)
+        return compute_kernels(selector, ctx, output_dir, timings, dry_run=bool(cfg.kernel.get("dry_run")))
 
     budget = selector.budget(len(stage.pool)) if selector.trains else 0
     with _timed(timings, "select"):
         selection = selector.select(ctx)
     timings.update({f"select/{k}": v for k, v in selection.info.get("timings", {}).items()})
+    kernel_report = selection.info.get("kernel_report")
     write_selection(output_dir, selection, selector, stage, budget, cfg.seed)
     log.info("Selected %d of %d with %s", len(selection.indices), len(stage.pool), selector.name)
     results = {"stage": stage.name, "selector": selector.name, "model": ctx.model_spec.name,
                "n_pool": len(stage.pool), "n_selected": len(selection.indices), "seed": cfg.seed,
                "fraction": selector.fraction, "experiment": cfg.get("experiment_name")}
+    if kernel_report:
+        results["kernel"] = kernel_report
     if cfg.task == "select":
         results["timings"] = timings
         save_json(output_dir / "results.json", results)
@@ -156,7 +207,7 @@ def run(cfg: DictConfig) -> dict:
                 "embedder": ctx.embedder.name, "timings": timings}
     save_json(output_dir / "results.json", results)
     if logger:
-        log_to_logger(logger, metrics_by_mode, rows)
+        log_to_logger(logger, metrics_by_mode, rows, kernel_report)
     return results
 
 
@@ -169,10 +220,11 @@ def eval_modes(mode: str) -> tuple[str, ...]:
     return modes[mode]
 
 
-def log_to_logger(logger, metrics_by_mode: dict, rows: list[dict]) -> None:
-    """Metrics and the predictions table to the experiment logger; closes the run."""
+def log_to_logger(logger, metrics_by_mode: dict, rows: list[dict], kernel_report: dict | None = None) -> None:
+    """Metrics (and what the kernels cost, the proxy's held-out error) and the predictions table to
+    the experiment logger; closes the run."""
     logger.log_metrics({f"eval/{mode}/{k}": v for mode, metrics in metrics_by_mode.items()
-                        for k, v in metrics.items()})
+                        for k, v in metrics.items()} | kernel_metrics(kernel_report or {}))
     if hasattr(logger, "log_table"):
         columns = ["mode", "id", "prediction", "reference", "rouge1", "embed_sim"]
         logger.log_table("predictions", columns=columns, data=[[r[c] for c in columns] for r in rows])
@@ -181,8 +233,22 @@ def log_to_logger(logger, metrics_by_mode: dict, rows: list[dict]) -> None:
         logger.experiment.finish()  # one W&B run per job, also inside a multirun
 
 
+def kernel_metrics(kernel_report: dict) -> dict:
+    """Numbers of a selector's kernel report as flat logger metrics (kernel/<name>/<key>)."""
+    out = {}
+    for name, details in kernel_report.items():
+        for key, value in details.items():
+            if key == "proxy":
+                out |= {f"kernel/{name}/proxy_{k}": v for k, v in value.items() if isinstance(v, (int, float))}
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[f"kernel/{name}/{key}"] = value
+    return out
+
+
 def results_table(results: dict) -> str:
     """A short plain-text summary printed at the end of a run."""
+    if results.get("dry_run"):
+        return "\n".join(results["plan_lines"])
     if "kernels" in results:
         return "\n".join(f"{name:<15} shape {tuple(k['shape'])}  min {k['min']:.4f}  mean {k['mean']:.4f}  "
                          f"max {k['max']:.4f}" for name, k in results["kernels"].items())

@@ -1,5 +1,5 @@
 """Hand-written rows in the exact shapes `datasets` returns for the paper's hub datasets
-(/work/shared/HUB_SCHEMAS.md): a Sequence of dicts is a dict of lists, list<struct> a list of dicts.
+(as each dataset card on the hub publishes them): a Sequence of dicts is a dict of lists, list<struct> a list of dicts.
 Tests write them to JSONL in tmp_path and load them with load_hub(path="json", data_files=...)."""
 
 import json

@@ -1,5 +1,5 @@
 """The DELIFT utility kernel: exactness of the fast engine, orientation, the d formula, caching,
-resuming, truncation, the knn approximation and bad input.
+resuming, truncation and bad input (the approximate engines: test_approximate.py).
 
 Numbers are checked on the real offline SmolLM2 (utilities ~0.01-0.5); the tiny random model
 (utilities ~1e-6) only carries plumbing tests.
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from delift.errors import DeliftInputError
-from delift.records import make_record, record_text
+from delift.records import make_record
 from delift.utility import UtilityTemplate, compute_kernel, normalize_kernel
 from delift.utility import kernel as kernel_module
 from delift.utility.engine import FORCE_GQA, BlockCache, shared_heads
@@ -166,7 +166,7 @@ def test_long_prompts_are_truncated_from_the_left_with_one_warning(tiny_qwen2):
     over += sum(tokens(template.one_shot_prompt(r, c)) + len(inputs.targets[i]) + 1 > 40
                 for i, r in enumerate(RECORDS) for c in RECORDS)
     assert 16 < over < 20  # every one-shot pair, and some zero-shot prompts
-    with pytest.warns(UserWarning, match=rf"^{over} utility sequence\(s\) exceed max_length=40") as caught:
+    with pytest.warns(UserWarning, match=rf"^{over} utility sequence\(s\) exceed kernel.max_length=40") as caught:
         kernel = compute_kernel(tiny_qwen2.model, tiny_qwen2.tokenizer, RECORDS, max_length=40, progress=False)
     assert len([w for w in caught if "max_length" in str(w.message)]) == 1
     assert np.isfinite(kernel).all()
@@ -185,30 +185,6 @@ def test_non_finite_utility_names_the_pair(tiny_qwen2):
         model.get_input_embeddings().weight[poison] = float("nan")
     with pytest.raises(DeliftInputError, match=r"record capital \(row\) x odd \(column\)"):
         compute_kernel(model, tiny_qwen2.tokenizer, rows, cols, progress=False)
-
-
-class FixedEmbedder:
-    """Hand-made unit vectors: 'code' and 'briefing' are neighbours, and so are 'capital' and 'sky'."""
-
-    vectors = {"code": [1.0, 0.0], "briefing": [0.96, 0.28], "capital": [0.0, 1.0], "sky": [0.28, 0.96]}
-
-    def identity(self):
-        return {"name": "fixed"}
-
-    def encode(self, texts):
-        by_text = {record_text(r): r["id"] for r in RECORDS}
-        return np.array([self.vectors[by_text[t]] for t in texts], dtype=np.float32)
-
-
-def test_knn_approximation_scores_only_nearest_columns(exact_kernels, smollm2):
-    _, exact = exact_kernels
-    approx = compute_kernel(smollm2.model, smollm2.tokenizer, RECORDS, engine="knn", knn_k=2,
-                            embedder=FixedEmbedder(), progress=False)
-    nearest = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]], dtype=bool)
-    assert np.all(approx[~nearest] == 0)
-    assert np.abs(approx[nearest] - exact[nearest]).max() <= 1e-5
-    with pytest.raises(DeliftInputError, match="knn_k"):
-        compute_kernel(smollm2.model, smollm2.tokenizer, RECORDS, knn_k=2, progress=False)
 
 
 def test_bad_input_is_named(tiny_qwen2):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import scipy.sparse as sp
 
 from delift.embeddings import cosine_kernel01
 from delift.errors import DeliftInputError
@@ -19,6 +20,8 @@ from delift.records import record_text
 from delift.selectors.base import Selection, SelectionContext, Selector, register
 
 DEVICE_KEYS = ("accelerator", "devices", "strategy", "num_nodes")
+# Kernel config keys that are not compute_kernel arguments.
+PLAN_ONLY_KEYS = ("dry_run",)
 STAGE_OBJECTIVES = {"instruction": "fl", "task": "flmi", "continual": "flcg"}
 POOL_KERNEL_OBJECTIVES = ("fl", "flmi", "flcg")  # FL2MI reads only the pool x target kernel
 # Which second kernel each objective needs, and which role supplies its columns.
@@ -34,8 +37,10 @@ class KernelObjectiveSelector(Selector):
         super().__init__(fraction)
         self.objective, self.eta, self.nu, self.backend = objective, eta, nu, backend
 
-    def pairwise(self, ctx: SelectionContext, rows: list[dict], cols: list[dict]) -> np.ndarray:
-        """Kernel entry [i, j]: how much column j helps row i (non-negative after normalisation)."""
+    def pairwise(self, ctx: SelectionContext, rows: list[dict], cols: list[dict] | None,
+                 details: dict) -> np.ndarray | sp.csr_matrix:
+        """Kernel entry [i, j]: how much column j helps row i (non-negative after normalisation);
+        `cols` None means the rows themselves. Fills `details` with what the kernel cost, if anything."""
         raise NotImplementedError
 
     def resolve_objective(self, ctx: SelectionContext) -> str:
@@ -45,42 +50,57 @@ class KernelObjectiveSelector(Selector):
                                    field="selector.objective")
         return objective
 
-    def kernels(self, ctx: SelectionContext, objective: str) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        """The kernels `objective` needs: pool x pool (not FL2MI), pool x target/existing where it has one;
-        and the seconds each took."""
-        timings, kernels = {}, {"kernel": None}
+    def kernel_sources(self, ctx: SelectionContext, objective: str) -> dict[str, tuple[list[dict], list[dict] | None]]:
+        """The kernels `objective` reads, as name -> (rows, columns or None for the pool itself)."""
+        sources = {}
         if objective in POOL_KERNEL_OBJECTIVES:
-            started = time.perf_counter()
-            kernels["kernel"] = self.pairwise(ctx, ctx.pool, ctx.pool)
-            timings["kernel_pool"] = time.perf_counter() - started
+            sources["kernel"] = (ctx.pool, None)
         if objective in SIDE_KERNELS:
             name, role = SIDE_KERNELS[objective]
             columns = getattr(ctx, role)
             if not columns:
                 raise DeliftInputError(f"objective {objective} needs the stage's {role} data, which is empty",
                                        field=f"stage.roles.{role}")
+            sources[name] = (ctx.pool, columns)
+        return sources
+
+    def kernels(self, ctx: SelectionContext, objective: str) -> tuple[dict, dict[str, float], dict[str, dict]]:
+        """The kernels `objective` needs (pool x pool unless FL2MI, pool x target/existing where it has
+        one; dense arrays or, from approximate engines, CSR matrices), the seconds each took, and
+        what each cost (`details`, per kernel name)."""
+        timings, kernels, details = {}, {"kernel": None}, {}
+        for name, (rows, cols) in self.kernel_sources(ctx, objective).items():
             started = time.perf_counter()
-            kernels[name] = self.pairwise(ctx, ctx.pool, columns)
-            timings[f"kernel_{role}"] = time.perf_counter() - started
-        return kernels, {k: round(v, 2) for k, v in timings.items()}
+            details[name] = {}
+            kernels[name] = self.pairwise(ctx, rows, cols, details[name])
+            role = "pool" if cols is None else SIDE_KERNELS[objective][1]
+            timings[f"kernel_{role}"] = round(time.perf_counter() - started, 2)
+        return kernels, timings, {name: d for name, d in details.items() if d}
 
     def select(self, ctx: SelectionContext) -> Selection:
         objective = self.resolve_objective(ctx)
-        kernels, timings = self.kernels(ctx, objective)
+        kernels, timings, details = self.kernels(ctx, objective)
         started = time.perf_counter()
         result = maximize(kernels.pop("kernel"), self.budget(len(ctx.pool)), objective, eta=self.eta, nu=self.nu,
                           backend=self.backend, progress=ctx.progress, **kernels)
         timings["greedy"] = round(time.perf_counter() - started, 2)
+        info = {"objective": objective, "backend": self.backend, "timings": timings}
+        if details:
+            info["kernel"] = self.kernel_label(ctx)
+            info["kernel_report"] = details  # passes and the proxy's held-out error: results.json, not selection.json
         return Selection(indices=list(result.indices), scores=[float(g) for g in result.gains],
-                         objective_value=float(result.value),
-                         info={"objective": objective, "backend": self.backend, "timings": timings})
+                         objective_value=float(result.value), info=info)
+
+    def kernel_label(self, ctx: SelectionContext) -> dict:
+        """Which kernel the selection used: for selection.json (no timings, nothing run-dependent)."""
+        return {}
 
 
 @register("delift")
 class DeliftSelector(KernelObjectiveSelector):
     """DELIFT: the in-context utility kernel of the model being fine-tuned."""
 
-    def pairwise(self, ctx, rows, cols):
+    def pairwise(self, ctx, rows, cols, details):
         from delift.utility import compute_kernel
 
         loaded = ctx.model
@@ -88,13 +108,29 @@ class DeliftSelector(KernelObjectiveSelector):
         placement = {k: ctx.trainer_options[k] for k in DEVICE_KEYS if k in ctx.trainer_options}
         return compute_kernel(loaded.model, loaded.tokenizer, rows, cols, cache_dir=ctx.cache_dir,
                               model_identity=loaded.identity, progress=ctx.progress, trainer_options=placement,
-                              embedder=ctx.embedder, **ctx.kernel_options)
+                              embedder=ctx.embedder, details=details, **engine_options(ctx.kernel_options))
+
+    def kernel_label(self, ctx):
+        from delift.utility.plan import APPROXIMATE_ENGINES
+
+        options = engine_options(ctx.kernel_options)
+        label = {"engine": options.get("engine", "fast"), "approximation": options.get("engine") in APPROXIMATE_ENGINES}
+        if label["approximation"]:
+            label |= {k: options.get(k) for k in ("knn_k", "knn_random", "features", "ann", "seed")}
+            if label["engine"] == "proxy":
+                label["proxy"] = options.get("proxy")
+        return label
 
 
 @register("delift_se")
 class DeliftSESelector(KernelObjectiveSelector):
     """DELIFT (SE): model-independent sentence-embedding similarity of whole records."""
 
-    def pairwise(self, ctx, rows, cols):
-        return cosine_kernel01(ctx.embedder.encode([record_text(r) for r in rows]),
-                               ctx.embedder.encode([record_text(r) for r in cols]))
+    def pairwise(self, ctx, rows, cols, details):
+        vectors = ctx.embedder.encode([record_text(r) for r in rows])
+        return cosine_kernel01(vectors, vectors if cols is None else ctx.embedder.encode([record_text(r) for r in cols]))
+
+
+def engine_options(kernel_options: dict) -> dict:
+    """The kernel config as compute_kernel arguments."""
+    return {k: v for k, v in kernel_options.items() if k not in PLAN_ONLY_KEYS}

@@ -284,20 +284,21 @@ class UtilityInputs:
         safe = {key: ids == tail_ids[key[0]] + head_ids[key[1]] for key, ids in zip(keys, joined)}
         return np.array([[safe[(t, h)] for t in tails] for h in heads], dtype=bool).reshape(len(rows), len(cols))
 
-    def truncation_count(self, pair_mask: np.ndarray | None = None) -> int:
-        """Sequences whose prompt gets truncated (zero-shot rows, then one-shot pairs in `pair_mask`).
-
-        Pair lengths come from the part tokens; a pair merged across the boundary may differ by a token.
-        """
+    def truncation_count(self, pairs: tuple[np.ndarray, np.ndarray] | None = None) -> int:
+        """Sequences whose prompt gets truncated: zero-shot rows, then every one-shot pair (or only the
+        listed (rows, cols) pairs). Pair lengths come from the part tokens; a pair merged across the
+        boundary may differ by a token."""
         budgets = np.array([self.prompt_budget(i) for i in range(self.n_rows)])
         zero_shot = int(sum(len(p) > b for p, b in zip(self.zero_shot, budgets)))
-        over = ~self.fits(range(self.n_rows), range(self.n_cols))
-        if pair_mask is not None:
-            over &= pair_mask
-        return zero_shot + int(over.sum())
+        if pairs is not None:
+            query = np.array([len(q) for q in self.query]) - budgets
+            demo = np.array([len(d) for d in self.demo])
+            return zero_shot + int((query[pairs[0]] + demo[pairs[1]] > 0).sum())
+        return zero_shot + int((~self.fits(range(self.n_rows), range(self.n_cols))).sum())
 
-    def warn_truncation(self, pair_mask: np.ndarray | None = None) -> None:
-        count = self.truncation_count(pair_mask)
+    def warn_truncation(self, pairs: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        count = self.truncation_count(pairs)
         if count:
-            warnings.warn(f"{count} utility sequence(s) exceed max_length={self.max_length} tokens; their prompts are "
-                          "truncated from the left (the scored response is kept whole)", UserWarning, stacklevel=3)
+            warnings.warn(f"{count} utility sequence(s) exceed kernel.max_length={self.max_length} tokens; their "
+                          "prompts are truncated from the left (the scored response is kept whole)", UserWarning,
+                          stacklevel=3)

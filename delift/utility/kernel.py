@@ -2,70 +2,130 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import scipy.sparse as sp
 
 from delift.cache import UnreadableCacheFile, cache_folder, file_lock, load_npy, save_json, save_npy
 from delift.errors import DeliftInputError
 from delift.objectives import minmax01
 from delift.records import validate_records
 from delift.utility.formatting import UtilityInputs, UtilityTemplate
-from delift.utility.knn import knn_pair_mask
+from delift.utility.graph import ANN_DEFAULTS, features_identity
 from delift.utility.lightning import PairProgressBar, UtilityKernelModule, make_trainer, predict_tiles
+from delift.utility.plan import calibrate, describe, plan_kernel
+from delift.utility.sparse import compute_sparse_kernel
 from delift.utility.tiles import CACHE_KIND, KERNEL_FILE, assemble_kernel, kernel_key, plan_tiles, read_tile
 
-KERNEL_ENGINES = ("naive", "fast", "knn")
+KERNEL_ENGINES = ("naive", "fast", "knn", "proxy")
+EXACT_ENGINES = ("naive", "fast")
+PROXY_OPTIONS = {"sample": {"rows": 0.1, "random": 8}, "network": {}}
+
+log = logging.getLogger(__name__)
 
 
 def _positive_int(value, field: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise DeliftInputError(f"must be a positive integer, got {value!r}", field=field)
-    return value
+    return int(value)
 
 
 def compute_kernel(model, tokenizer, rows: Sequence[Mapping], cols: Sequence[Mapping] | None = None, *,
                    template=None, engine: str = "fast", batch_size: int = 16, tile_size: int = 64,
                    cache_dir=None, max_length: int = 1024, trainer_options: dict | None = None,
-                   model_identity: dict | None = None, progress: bool = True, knn_k: int | None = None,
-                   embedder=None) -> np.ndarray:
+                   model_identity: dict | None = None, progress: bool = True, knn_k: int = 8, knn_random: int = 0,
+                   features: str = "embedder", embedder=None, ann: Mapping | None = None,
+                   proxy: Mapping | None = None, seed: int = 0, details: dict | None = None):
     """The raw utility kernel UF (float32, len(rows) x len(cols)); `cols=None` means cols = rows.
 
     UF[i, j] = d(y_i | x_i) - d(y_i | demo_j, x_i): row i is the example helped, column j the
-    demonstration. See `delift.utility` for the engines, the cache and the approximation.
+    demonstration. Exact engines return a dense array; the approximate ones (knn, proxy) a scipy
+    CSR matrix. `details`, when given, is filled with what was computed (engine, exact passes, the
+    proxy's held-out error). See `delift.utility` for the engines, the cache and the approximations.
     """
     if engine not in KERNEL_ENGINES:
         raise DeliftInputError(f"unknown engine {engine!r}; choose one of {list(KERNEL_ENGINES)}",
                                field="kernel.engine")
-    if (knn_k is not None) != (engine == "knn"):
-        raise DeliftInputError("knn_k goes with engine='knn' (an approximation) and only with it", field="kernel.knn_k")
     batch_size = _positive_int(batch_size, "kernel.batch_size")
     tile_size = _positive_int(tile_size, "kernel.tile_size")
     max_length = _positive_int(max_length, "kernel.max_length")
+    approximate = engine not in EXACT_ENGINES
+    if approximate:
+        knn_k = _positive_int(knn_k, "kernel.knn_k")
+        proxy = _proxy_options(proxy) if engine == "proxy" else None
 
+    same = cols is None
     rows = validate_records(rows)
-    cols = rows if cols is None else validate_records(cols)
+    cols = rows if same else validate_records(cols)
     if not rows or not cols:
         raise DeliftInputError("needs at least one row and one column record", field="kernel.records")
     template = UtilityTemplate.from_config(template)
-    inputs = UtilityInputs(tokenizer, rows, cols, template, max_length)
-    pair_mask = knn_pair_mask(embedder, rows, cols, knn_k) if engine == "knn" else None
-    inputs.warn_truncation(pair_mask)
     shape = (len(rows), len(cols))
+    plan = plan_kernel(*shape, engine=engine, tile_size=tile_size, knn_k=knn_k, knn_random=knn_random,
+                       features=features, proxy=proxy, same_records=same)
 
-    folder = None
+    def log_plan() -> None:
+        calibration = calibrate(model, tokenizer, rows, cols, template=template, max_length=max_length,
+                                engine=engine, batch_size=batch_size, reuse=plan.reuse, seed=seed)
+        log.info(describe(plan, calibration))
+
+    folder, parts = None, None
+    if approximate:
+        approximation = {"kind": engine, "knn_k": knn_k, "knn_random": knn_random, "seed": seed,
+                         "vectors": features_identity(features, embedder), "ann": ANN_DEFAULTS | dict(ann or {}),
+                         "proxy": proxy}
+    else:
+        approximation = None
     if cache_dir is not None:
-        approximation = None if engine != "knn" else {"kind": "knn", "k": knn_k, "embedder": embedder.identity()}
         key, parts = kernel_key(model=model, tokenizer=tokenizer, rows=rows, cols=cols, template=template,
                                 max_length=max_length, model_identity=model_identity, approximation=approximation)
         folder = cache_folder(cache_dir, CACHE_KIND, key)
-        if (folder / KERNEL_FILE).exists():
-            try:
-                return load_npy(folder / KERNEL_FILE, shape=shape, dtype=np.float32)
-            except UnreadableCacheFile:
-                pass  # a half-written kernel is rebuilt from its tiles
-        save_json(folder / "key.json", parts)
+        if not (folder / "key.json").exists():  # its time stamp is when the kernel was started
+            save_json(folder / "key.json", parts)
 
+    if approximate:
+        kernel, computed = compute_sparse_kernel(
+            model, tokenizer, rows, cols, engine=engine, template=template, batch_size=batch_size,
+            tile_size=tile_size, max_length=max_length, folder=folder, trainer_options=trainer_options,
+            progress=progress, knn_k=knn_k, knn_random=knn_random, features=features, embedder=embedder,
+            ann=approximation["ann"], proxy=proxy, seed=seed, model_identity=model_identity, cache_dir=cache_dir,
+            key_parts=parts, on_start=log_plan)
+        if details is not None:
+            details.update(computed)
+        return kernel
+    if details is not None:
+        details.update({"engine": engine, "approximation": False, "exact_pairs": shape[0] * shape[1],
+                        "zero_shot_passes": shape[0], "all_pairs": shape[0] * shape[1]})
+    return _exact_kernel(model, tokenizer, rows, cols, shape, template=template, engine=engine, batch_size=batch_size,
+                         tile_size=tile_size, max_length=max_length, folder=folder, trainer_options=trainer_options,
+                         progress=progress, on_start=log_plan)
+
+
+def _proxy_options(proxy: Mapping | None) -> dict:
+    proxy = dict(proxy or {})
+    unknown = set(proxy) - set(PROXY_OPTIONS)
+    if unknown:
+        raise DeliftInputError(f"unknown key(s) {sorted(unknown)}; expected {sorted(PROXY_OPTIONS)}",
+                               field="kernel.proxy")
+    sample = PROXY_OPTIONS["sample"] | dict(proxy.get("sample") or {})
+    rows = sample["rows"]
+    if isinstance(rows, bool) or not isinstance(rows, (int, float)) or rows <= 0:
+        raise DeliftInputError(f"must be a fraction in (0, 1) or a count >= 1, got {rows!r}",
+                               field="kernel.proxy.sample.rows")
+    return {"sample": sample, "network": dict(proxy.get("network") or {})}
+
+
+def _exact_kernel(model, tokenizer, rows, cols, shape, *, template, engine, batch_size, tile_size, max_length, folder,
+                  trainer_options, progress, on_start) -> np.ndarray:
+    if folder is not None and (folder / KERNEL_FILE).exists():
+        try:
+            return load_npy(folder / KERNEL_FILE, shape=shape, dtype=np.float32)
+        except UnreadableCacheFile:
+            pass  # a half-written kernel is rebuilt from its tiles
+    inputs = UtilityInputs(tokenizer, rows, cols, template, max_length)
+    inputs.warn_truncation()
     tiles = plan_tiles(*shape, tile_size)
     values = {}
     if folder is not None:
@@ -73,9 +133,9 @@ def compute_kernel(model, tokenizer, rows: Sequence[Mapping], cols: Sequence[Map
     missing = [tile for tile in tiles if tile not in values]
     is_main = True
     if missing:
-        module = UtilityKernelModule(model, inputs, missing, engine="naive" if engine == "naive" else "fast",
-                                     batch_size=batch_size, pair_mask=pair_mask, folder=folder)
-        trainer = make_trainer(trainer_options, [PairProgressBar(sum(t.passes(pair_mask) for t in missing), progress)])
+        on_start()
+        module = UtilityKernelModule(model, inputs, missing, engine=engine, batch_size=batch_size, folder=folder)
+        trainer = make_trainer(trainer_options, [PairProgressBar(sum(t.passes() for t in missing), progress)])
         values |= predict_tiles(trainer, module)
         is_main = trainer.global_rank == 0
         if folder is not None:
@@ -84,15 +144,16 @@ def compute_kernel(model, tokenizer, rows: Sequence[Mapping], cols: Sequence[Map
                 if values[tile] is None:
                     raise DeliftInputError("a finished tile is missing or unreadable", file=folder / tile.file_name)
 
-    kernel = assemble_kernel(values, *shape, pair_mask)
+    kernel = assemble_kernel(values, *shape)
     if folder is not None and is_main:
         with file_lock(folder / KERNEL_FILE):
             save_npy(folder / KERNEL_FILE, kernel)
     return kernel
 
 
-def normalize_kernel(kernel: np.ndarray) -> np.ndarray:
+def normalize_kernel(kernel: np.ndarray | sp.csr_matrix) -> np.ndarray | sp.csr_matrix:
     """One global min-max to [0, 1] (float32), as the selectors need; a constant kernel maps to all zeros.
+    A sparse kernel is scaled over its stored entries (a missing entry stays 0, the bottom).
 
     The objectives' own `minmax01`, so a kernel normalised here and inside `delift.objectives` agree.
     """

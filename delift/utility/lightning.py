@@ -21,7 +21,7 @@ from delift.cache import save_npy
 from delift.errors import DeliftInputError
 from delift.utility.engine import check_output_head, one_shot_distances, zero_shot_distances
 from delift.utility.formatting import UtilityInputs
-from delift.utility.tiles import Tile
+from delift.utility.tiles import PairTile, Tile
 
 # Lightning's own logger, checkpoints, progress bar and summary have nothing to do in a predict run.
 TRAINER_DEFAULTS = {"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
@@ -46,17 +46,19 @@ def _single(batch):
 
 
 class UtilityKernelModule(L.LightningModule):
-    """Computes one tile per predict step: zero-shot distances of a row block, or one-shot distances of a block."""
+    """Computes one tile per predict step: zero-shot distances of a row block, one-shot distances of a
+    block (dense kernels) or of the listed pairs in a column span (`PairTile`, sparse kernels: `pairs`
+    holds the row and column of every listed pair)."""
 
-    def __init__(self, model, inputs: UtilityInputs, tiles: list[Tile], *, engine: str, batch_size: int,
-                 pair_mask: np.ndarray | None = None, folder: Path | None = None):
+    def __init__(self, model, inputs: UtilityInputs, tiles: list[Tile | PairTile], *, engine: str, batch_size: int,
+                 pairs: tuple[np.ndarray, np.ndarray] | None = None, folder: Path | None = None):
         super().__init__()
         self.model = model
         self.inputs = inputs
         self.tiles = tiles
         self.engine = engine
         self.batch_size = batch_size
-        self.pair_mask = pair_mask
+        self.pairs = pairs
         self.folder = folder
         self.on_scored = None  # set by PairProgressBar: called with the number of sequences scored
 
@@ -64,13 +66,25 @@ class UtilityKernelModule(L.LightningModule):
         if self.engine != "naive":
             check_output_head(self.model, self.inputs.zero_shot_sequence(0).context[-64:])
 
-    def compute_tile(self, tile: Tile) -> np.ndarray:
+    def compute_tile(self, tile: Tile | PairTile) -> np.ndarray:
+        if isinstance(tile, PairTile):
+            return self._listed_pairs(tile)
         if tile.cols is None:
             return zero_shot_distances(self.model, self.inputs, tile.row_range, engine=self.engine,
                                        batch_size=self.batch_size, on_scored=self.on_scored)
-        mask = None if self.pair_mask is None else self.pair_mask[slice(*tile.rows), slice(*tile.cols)]
         return one_shot_distances(self.model, self.inputs, tile.row_range, tile.col_range, engine=self.engine,
-                                  batch_size=self.batch_size, pair_mask=mask, on_scored=self.on_scored)
+                                  batch_size=self.batch_size, on_scored=self.on_scored)
+
+    def _listed_pairs(self, tile: PairTile) -> np.ndarray:
+        positions = np.asarray(tile.positions)
+        rows, cols = self.pairs[0][positions], self.pairs[1][positions]
+        used_rows, row_slot = np.unique(rows, return_inverse=True)
+        used_cols, col_slot = np.unique(cols, return_inverse=True)
+        mask = np.zeros((len(used_rows), len(used_cols)), dtype=bool)
+        mask[row_slot, col_slot] = True
+        block = one_shot_distances(self.model, self.inputs, used_rows.tolist(), used_cols.tolist(), engine=self.engine,
+                                   batch_size=self.batch_size, pair_mask=mask, on_scored=self.on_scored)
+        return block[row_slot, col_slot]
 
     def predict_step(self, index: int):
         tile = self.tiles[index]
@@ -80,14 +94,19 @@ class UtilityKernelModule(L.LightningModule):
             save_npy(self.folder / tile.file_name, values)
         return index, values
 
-    def _check_finite(self, tile: Tile, values: np.ndarray) -> None:
+    def _check_finite(self, tile: Tile | PairTile, values: np.ndarray) -> None:
         bad = np.argwhere(~np.isfinite(values))
         if not len(bad):
             return
-        row = self.inputs.row_ids[tile.rows[0] + bad[0][0]]
-        if tile.cols is None:
+        if isinstance(tile, PairTile):
+            position = tile.positions[bad[0][0]]
+            where = (f"{self.inputs.row_ids[self.pairs[0][position]]} (row) x "
+                     f"{self.inputs.col_ids[self.pairs[1][position]]} (column)")
+        elif tile.cols is None:
+            row = self.inputs.row_ids[tile.rows[0] + bad[0][0]]
             where = f"{row} (row, no demonstration)"
         else:
+            row = self.inputs.row_ids[tile.rows[0] + bad[0][0]]
             where = f"{row} (row) x {self.inputs.col_ids[tile.cols[0] + bad[0][1]]} (column)"
         raise DeliftInputError(f"the utility is {values[tuple(bad[0])]} ({len(bad)} non-finite value(s) in this tile); "
                                "a half-precision model can overflow: try dtype float32 or bfloat16",
@@ -127,7 +146,7 @@ def make_trainer(trainer_options: dict | None, callbacks: list) -> L.Trainer:
     return L.Trainer(**options)
 
 
-def predict_tiles(trainer: L.Trainer, module: UtilityKernelModule) -> dict[Tile, np.ndarray]:
+def predict_tiles(trainer: L.Trainer, module: UtilityKernelModule) -> dict[Tile | PairTile, np.ndarray]:
     """Run the module's tiles; with a folder they are on disk afterwards (all ranks synchronised)."""
     if module.folder is None and trainer.num_devices * trainer.num_nodes > 1:
         raise DeliftInputError("a multi-process kernel exchanges its tiles through disk: set a cache_dir",

@@ -53,13 +53,43 @@ class Tile:
             return (len(self.row_range),)
         return (len(self.row_range), len(self.col_range))
 
-    def passes(self, pair_mask: np.ndarray | None = None) -> int:
+    def passes(self) -> int:
         """Sequences this tile scores."""
         if self.cols is None:
             return len(self.row_range)
-        if pair_mask is None:
-            return len(self.row_range) * len(self.col_range)
-        return int(pair_mask[slice(*self.rows), slice(*self.cols)].sum())
+        return len(self.row_range) * len(self.col_range)
+
+
+@dataclass(frozen=True)
+class PairTile:
+    """The listed pairs of a sparse kernel whose column lies in [start, stop): `positions` index the
+    kernel's pair list. A column's demonstration block then runs once for all the rows it serves."""
+
+    cols: tuple[int, int]
+    positions: tuple[int, ...]
+
+    @property
+    def file_name(self) -> str:
+        return f"pairs_c{self.cols[0]:07d}-{self.cols[1]:07d}.npy"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.positions),)
+
+    def passes(self) -> int:
+        return len(self.positions)
+
+
+def plan_pair_tiles(pair_cols: np.ndarray, n_cols: int, tile_size: int) -> list[PairTile]:
+    """Column spans of `tile_size` columns, each with the positions of its pairs; empty spans are skipped."""
+    order = np.argsort(pair_cols, kind="stable")
+    bounds = np.searchsorted(pair_cols[order], np.arange(0, n_cols + tile_size, tile_size))
+    tiles = []
+    for k, start in enumerate(range(0, n_cols, tile_size)):
+        positions = np.sort(order[bounds[k]:bounds[k + 1]])
+        if len(positions):
+            tiles.append(PairTile((start, min(start + tile_size, n_cols)), tuple(positions.tolist())))
+    return tiles
 
 
 def plan_tiles(n_rows: int, n_cols: int, tile_size: int) -> list[Tile]:
@@ -69,7 +99,7 @@ def plan_tiles(n_rows: int, n_cols: int, tile_size: int) -> list[Tile]:
     return [Tile(r) for r in row_blocks] + [Tile(r, c) for r in row_blocks for c in col_blocks]
 
 
-def read_tile(folder: Path, tile: Tile) -> np.ndarray | None:
+def read_tile(folder: Path, tile: Tile | PairTile) -> np.ndarray | None:
     """The finished tile, or None when it is missing or half-written (then it is recomputed).
 
     A readable tile of the wrong shape or dtype is an error naming the file (not ours to overwrite).
@@ -83,9 +113,8 @@ def read_tile(folder: Path, tile: Tile) -> np.ndarray | None:
         return None
 
 
-def assemble_kernel(values: dict[Tile, np.ndarray], n_rows: int, n_cols: int,
-                    pair_mask: np.ndarray | None = None) -> np.ndarray:
-    """UF = zero-shot d (per row) - one-shot d; pairs outside `pair_mask` are 0."""
+def assemble_kernel(values: dict[Tile, np.ndarray], n_rows: int, n_cols: int) -> np.ndarray:
+    """UF = zero-shot d (per row) - one-shot d."""
     zero_shot = np.zeros(n_rows, dtype=np.float32)
     one_shot = np.zeros((n_rows, n_cols), dtype=np.float32)
     for tile, array in values.items():
@@ -93,10 +122,7 @@ def assemble_kernel(values: dict[Tile, np.ndarray], n_rows: int, n_cols: int,
             zero_shot[slice(*tile.rows)] = array
         else:
             one_shot[slice(*tile.rows), slice(*tile.cols)] = array
-    kernel = zero_shot[:, None] - one_shot
-    if pair_mask is not None:
-        kernel[~pair_mask] = 0.0
-    return kernel
+    return zero_shot[:, None] - one_shot
 
 
 def model_fingerprint(model) -> dict:

