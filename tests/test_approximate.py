@@ -87,6 +87,25 @@ def test_measured_values_win_over_predictions_and_zeros_stay_stored():
     assert kernel.indices.tolist() == [0, 2, 0, 1] and kernel.data.tolist() == [1.0, 0.0, 5.0, 2.0]
 
 
+def test_unmeasured_pairs_read_as_neutral_demonstrations():
+    from delift.utility.kernel import approximate_similarities
+
+    pool = sp.csr_matrix((np.array([0.4, -0.2, 0.0, 0.8], dtype=np.float32), [0, 1, 1, 2], [0, 2, 3, 4]),
+                         shape=(3, 3))
+    query = sp.csr_matrix(np.array([[0.2], [0.0], [-1.0]], dtype=np.float32))
+    kernels, normalize = approximate_similarities({"kernel": pool, "query_kernel": query})
+    assert normalize is False
+    # max(UF, 0) over the joint maximum 0.8: harmful pairs read as neutral, missing pairs stay 0 (= UF 0).
+    assert kernels["kernel"].indices.tolist() == [0, 1, 1, 2] and kernels["kernel"].data.tolist() == [0.5, 0, 0, 1]
+    assert kernels["query_kernel"].toarray().ravel().tolist() == [0.25, 0, 0]
+    assert pool.data.tolist() == pytest.approx([0.4, -0.2, 0.0, 0.8])  # the caller's kernel is untouched
+    dense = {"kernel": np.eye(2), "query_kernel": None}
+    assert approximate_similarities(dense) == (dense, True)  # exact kernels keep the objectives' min-max
+    assert approximate_similarities({"kernel": pool}, "bottom") == ({"kernel": pool}, True)
+    with pytest.raises(DeliftInputError, match="selector.missing"):
+        approximate_similarities({"kernel": pool}, "middle")
+
+
 class FixedEmbedder:
     """Hand-made vectors: records 0-2 and 3-5 form two tight groups."""
 
@@ -231,7 +250,7 @@ def test_pipeline_selects_with_an_approximate_engine_and_says_so(engine, options
     label = selection["info"]["kernel"]
     assert label["engine"] == engine and label["approximation"] is True and label["knn_k"] == (4 if engine == "knn"
                                                                                                else 8)
-    assert (label.get("proxy") is not None) == (engine == "proxy")
+    assert (label.get("proxy") is not None) == (engine == "proxy") and label["missing"] == "neutral"
     report = results["kernel"]["kernel"]
     assert report["engine"] == engine and report["exact_pairs"] < report["all_pairs"]
     assert ("proxy" in report) == (engine == "proxy")
@@ -242,7 +261,7 @@ def test_pipeline_selects_with_an_approximate_engine_and_says_so(engine, options
         raise AssertionError("the second run should reuse the cached kernel")
 
     monkeypatch.setattr(sparse_module, "score_pairs", never)
-    run(compose_config(overrides, output_dir=tmp_path / "second", cache_dir=tmp_path / "cache"))
+    run(compose_config(["task=select", *overrides], output_dir=tmp_path / "second", cache_dir=tmp_path / "cache"))
     assert json.loads((tmp_path / "second" / "selection.json").read_text()) == selection
 
 

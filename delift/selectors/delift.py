@@ -80,9 +80,10 @@ class KernelObjectiveSelector(Selector):
     def select(self, ctx: SelectionContext) -> Selection:
         objective = self.resolve_objective(ctx)
         kernels, timings, details = self.kernels(ctx, objective)
+        kernels, normalize = self.similarities(kernels)
         started = time.perf_counter()
         result = maximize(kernels.pop("kernel"), self.budget(len(ctx.pool)), objective, eta=self.eta, nu=self.nu,
-                          backend=self.backend, progress=ctx.progress, **kernels)
+                          backend=self.backend, progress=ctx.progress, normalize=normalize, **kernels)
         timings["greedy"] = round(time.perf_counter() - started, 2)
         info = {"objective": objective, "backend": self.backend, "timings": timings}
         if details:
@@ -95,10 +96,24 @@ class KernelObjectiveSelector(Selector):
         """Which kernel the selection used: for selection.json (no timings, nothing run-dependent)."""
         return {}
 
+    def similarities(self, kernels: dict) -> tuple[dict, bool]:
+        """The kernels as the objective reads them, and whether it min-max normalises them."""
+        return kernels, True
+
 
 @register("delift")
 class DeliftSelector(KernelObjectiveSelector):
     """DELIFT: the in-context utility kernel of the model being fine-tuned."""
+
+    def __init__(self, fraction: float = 0.3, objective: str | None = None, eta: float = 1.0, nu: float = 1.0,
+                 backend: str = "ours", missing: str = "neutral"):
+        super().__init__(fraction, objective, eta, nu, backend)
+        self.missing = missing
+
+    def similarities(self, kernels):
+        from delift.utility.kernel import approximate_similarities
+
+        return approximate_similarities(kernels, self.missing)
 
     def pairwise(self, ctx, rows, cols, details):
         from delift.utility import compute_kernel
@@ -117,6 +132,7 @@ class DeliftSelector(KernelObjectiveSelector):
         label = {"engine": options.get("engine", "fast"), "approximation": options.get("engine") in APPROXIMATE_ENGINES}
         if label["approximation"]:
             label |= {k: options.get(k) for k in ("knn_k", "knn_random", "features", "ann", "seed")}
+            label["missing"] = self.missing
             if label["engine"] == "proxy":
                 label["proxy"] = options.get("proxy")
         return label

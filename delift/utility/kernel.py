@@ -158,3 +158,37 @@ def normalize_kernel(kernel: np.ndarray | sp.csr_matrix) -> np.ndarray | sp.csr_
     The objectives' own `minmax01`, so a kernel normalised here and inside `delift.objectives` agree.
     """
     return minmax01(kernel)
+
+
+MISSING = ("neutral", "bottom")
+
+
+def approximate_similarities(kernels: dict, missing: str = "neutral") -> tuple[dict, bool]:
+    """How the objectives read UF kernels of which some are sparse (approximate engines): returns
+    (kernels, normalize) for `delift.objectives.maximize`.
+
+    - "neutral" (default): max(UF, 0) / the joint maximum, used as they are (normalize=False), so a
+      pair that was not measured counts as UF = 0, a demonstration that neither helps nor hurts,
+      and harmful pairs count the same. On dense kernels this gives the min-max's selections (a
+      constant offset does not change facility-location choices).
+    - "bottom": the objectives' min-max over stored entries: a missing pair ranks with the least
+      helpful measured one.
+    Dense-only input (the exact engines) is returned as it is, for the objectives' min-max.
+    """
+    if missing not in MISSING:
+        raise DeliftInputError(f"unknown value {missing!r}; choose one of {list(MISSING)}", field="selector.missing")
+    given = {name: k for name, k in kernels.items() if k is not None}
+    if missing == "bottom" or not any(sp.issparse(k) for k in given.values()):
+        return kernels, True
+    top = max((float(k.data.max()) if sp.issparse(k) and k.nnz else float(np.max(k)) if not sp.issparse(k) else 0.0)
+              for k in given.values())
+    scale = 1.0 / top if top > 0 else 0.0
+    out = dict(kernels)
+    for name, k in given.items():
+        if sp.issparse(k):
+            k = sp.csr_matrix(k, dtype=np.float32, copy=True)
+            k.data = (np.maximum(k.data, 0) * scale).astype(np.float32)
+            out[name] = k
+        else:
+            out[name] = (np.maximum(np.asarray(k, dtype=np.float32), 0) * scale).astype(np.float32)
+    return out, False
