@@ -34,7 +34,8 @@ class Embedder:
 
     def identity(self) -> dict:
         # float32 keeps the identity it always had, so existing caches stay valid.
-        return {"name": self.name, "packaged": self.packaged} | ({"dtype": self.dtype} if self.dtype != "float32" else {})
+        identity = {"name": self.name, "packaged": self.packaged}
+        return identity | ({"dtype": self.dtype} if self.dtype != "float32" else {})
 
     @cached_property
     def model(self):

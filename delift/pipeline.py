@@ -120,7 +120,8 @@ def plan_kernels(selector, ctx: SelectionContext, objective: str, output_dir: Pa
                                 max_length=options.get("max_length", 1024), engine=plan.engine,
                                 batch_size=options.get("batch_size", 16), reuse=plan.reuse,
                                 seed=options.get("seed", 0))
-        plans[name] = plan.to_dict() | calibration | {"estimated_seconds": round(estimate_seconds(plan, calibration), 1)}
+        estimate = round(estimate_seconds(plan, calibration), 1)
+        plans[name] = plan.to_dict() | calibration | {"estimated_seconds": estimate}
         lines.append(describe(plan, calibration, name=name))
     results = {"stage": ctx.stage, "selector": selector.name, "objective": objective, "dry_run": True,
                "plans": plans, "plan_lines": lines}

@@ -144,7 +144,8 @@ class DeliftSESelector(KernelObjectiveSelector):
 
     def pairwise(self, ctx, rows, cols, details):
         vectors = ctx.embedder.encode([record_text(r) for r in rows])
-        return cosine_kernel01(vectors, vectors if cols is None else ctx.embedder.encode([record_text(r) for r in cols]))
+        columns = vectors if cols is None else ctx.embedder.encode([record_text(r) for r in cols])
+        return cosine_kernel01(vectors, columns)
 
 
 def engine_options(kernel_options: dict) -> dict:

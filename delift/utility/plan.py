@@ -93,20 +93,19 @@ def calibrate(model, tokenizer, rows, cols, *, template, max_length: int, engine
     return {"seconds_per_zero_shot": zero_shot, "seconds_per_pair": pair, "calibration_pairs": n_use * n_demo}
 
 
-def estimate_seconds(plan: KernelPlan, calibration: dict, *, feature_seconds_per_record: float | None = None) -> float:
-    seconds = (plan.zero_shot_passes * calibration["seconds_per_zero_shot"]
-               + plan.exact_pairs * calibration["seconds_per_pair"])
-    # A record-feature pass is about one zero-shot pass (one record through the model).
-    per_record = calibration["seconds_per_zero_shot"] if feature_seconds_per_record is None else feature_seconds_per_record
-    return seconds + plan.feature_passes * per_record
+def estimate_seconds(plan: KernelPlan, calibration: dict) -> float:
+    # A record-feature pass costs about a zero-shot pass (one record through the model).
+    return ((plan.zero_shot_passes + plan.feature_passes) * calibration["seconds_per_zero_shot"]
+            + plan.exact_pairs * calibration["seconds_per_pair"])
 
 
 def describe(plan: KernelPlan, calibration: dict | None = None, *, name: str = "kernel") -> str:
     """One human line: the plan, and the estimate when calibrated."""
     all_pairs = plan.n_rows * plan.n_cols
+    fewer = all_pairs / max(1, plan.exact_pairs)
     text = (f"{name} plan ({plan.engine}{', APPROXIMATION' if plan.engine in APPROXIMATE_ENGINES else ''}): "
-            f"{plan.n_rows:,} rows x {plan.n_cols:,} columns = {all_pairs:,} pairs; scored exactly {plan.exact_pairs:,} "
-            f"pairs + {plan.zero_shot_passes:,} zero-shot passes ({all_pairs / max(1, plan.exact_pairs):,.1f}x fewer "
+            f"{plan.n_rows:,} rows x {plan.n_cols:,} columns = {all_pairs:,} pairs; scored exactly "
+            f"{plan.exact_pairs:,} pairs + {plan.zero_shot_passes:,} zero-shot passes ({fewer:,.1f}x fewer "
             f"pairs than exact); {plan.forward_passes:,} forward passes, {plan.tiles} tiles")
     if plan.predicted_pairs:
         text += f"; the proxy predicts {plan.predicted_pairs:,} candidate pairs"

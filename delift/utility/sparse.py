@@ -165,7 +165,9 @@ def compute_sparse_kernel(model, tokenizer, rows, cols, *, engine: str, template
                         trainer_options=trainer_options, progress=progress)
     details = {"engine": engine, "approximation": True, "knn_k": knn_k, "knn_random": knn_random,
                "features": features, "exact_pairs": int(len(pair_rows)),
-               "zero_shot_passes": int(len(np.unique(pair_rows))), "all_pairs": shape[0] * shape[1]}
+               "zero_shot_passes": int(len(np.unique(pair_rows))), "all_pairs": shape[0] * shape[1],
+               # features=model: one forward pass per record for its vector (not a scored pair)
+               "feature_passes": 0 if features != "model" else len(rows) + (0 if cols is rows else len(cols))}
     if engine == "knn":
         kernel = sp.csr_matrix((exact, graph.indices, graph.indptr), shape=shape)
     else:
