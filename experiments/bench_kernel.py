@@ -31,6 +31,7 @@ from delift.models import PackagedGGUFModel  # noqa: E402
 from delift.objectives import select  # noqa: E402
 from delift.utility import compute_kernel  # noqa: E402
 from delift.utility.formatting import UtilityInputs, UtilityTemplate  # noqa: E402
+from delift.utility.kernel import approximate_similarities  # noqa: E402
 
 
 def matmul_peak_flops(size: int = 1024, seconds: float = 3.0) -> float:
@@ -97,10 +98,12 @@ def timed_kernel(model, tokenizer, records, **options) -> tuple[float, float, np
     return time.perf_counter() - wall, time.process_time() - cpu, kernel
 
 
-def fl_overlap(exact: np.ndarray, approx: np.ndarray, budget: int) -> str:
-    """Overlap of the facility-location greedy picks (delift.objectives) on the two kernels."""
+def fl_overlap(exact: np.ndarray, approx, budget: int) -> str:
+    """Overlap of the facility-location greedy picks (delift.objectives) on the two kernels, the
+    sparse approximation read as the DELIFT selector reads it."""
     picks_exact = set(select(exact, budget, "fl", progress=False))
-    picks_approx = set(select(approx, budget, "fl", progress=False))
+    kernels, normalize = approximate_similarities({"kernel": approx})
+    picks_approx = set(select(kernels["kernel"], budget, "fl", normalize=normalize, progress=False))
     return f"FL greedy picks shared with the exact kernel's: {len(picks_exact & picks_approx)}/{budget}"
 
 
