@@ -149,7 +149,7 @@ def test_unreadable_tile_is_recomputed_and_kernel_reused(tiny_qwen2, tmp_path, m
     def no_compute(*args, **kwargs):
         raise AssertionError("the cached kernel should have been returned")
 
-    monkeypatch.setattr(kernel_module, "predict_tiles", no_compute)
+    monkeypatch.setattr(kernel_module, "run_tiles", no_compute)
     assert np.array_equal(_tiny_kernel(tiny_qwen2, RECORDS, tmp_path, engine="naive"), first)  # engine not in key
 
 

@@ -14,10 +14,10 @@ from delift.objectives import minmax01
 from delift.records import validate_records
 from delift.utility.formatting import UtilityInputs, UtilityTemplate
 from delift.utility.graph import ANN_DEFAULTS, features_identity
-from delift.utility.lightning import PairProgressBar, UtilityKernelModule, make_trainer, predict_tiles
+from delift.utility.lightning import run_tiles
 from delift.utility.plan import calibrate, describe, plan_kernel
 from delift.utility.sparse import compute_sparse_kernel
-from delift.utility.tiles import CACHE_KIND, KERNEL_FILE, assemble_kernel, kernel_key, plan_tiles, read_tile
+from delift.utility.tiles import CACHE_KIND, KERNEL_FILE, assemble_kernel, kernel_key, plan_tiles
 
 KERNEL_ENGINES = ("naive", "fast", "knn", "proxy")
 EXACT_ENGINES = ("naive", "fast")
@@ -126,24 +126,8 @@ def _exact_kernel(model, tokenizer, rows, cols, shape, *, template, engine, batc
             pass  # a half-written kernel is rebuilt from its tiles
     inputs = UtilityInputs(tokenizer, rows, cols, template, max_length)
     inputs.warn_truncation()
-    tiles = plan_tiles(*shape, tile_size)
-    values = {}
-    if folder is not None:
-        values = {tile: array for tile in tiles if (array := read_tile(folder, tile)) is not None}
-    missing = [tile for tile in tiles if tile not in values]
-    is_main = True
-    if missing:
-        on_start()
-        module = UtilityKernelModule(model, inputs, missing, engine=engine, batch_size=batch_size, folder=folder)
-        trainer = make_trainer(trainer_options, [PairProgressBar(sum(t.passes() for t in missing), progress)])
-        values |= predict_tiles(trainer, module)
-        is_main = trainer.global_rank == 0
-        if folder is not None:
-            for tile in missing:
-                values[tile] = read_tile(folder, tile)
-                if values[tile] is None:
-                    raise DeliftInputError("a finished tile is missing or unreadable", file=folder / tile.file_name)
-
+    values, is_main = run_tiles(model, inputs, plan_tiles(*shape, tile_size), engine=engine, batch_size=batch_size,
+                                folder=folder, trainer_options=trainer_options, progress=progress, on_start=on_start)
     kernel = assemble_kernel(values, *shape)
     if folder is not None and is_main:
         with file_lock(folder / KERNEL_FILE):

@@ -21,7 +21,7 @@ from delift.cache import save_npy
 from delift.errors import DeliftInputError
 from delift.utility.engine import check_output_head, one_shot_distances, zero_shot_distances
 from delift.utility.formatting import UtilityInputs
-from delift.utility.tiles import PairTile, Tile
+from delift.utility.tiles import PairTile, Tile, read_tile
 
 # Lightning's own logger, checkpoints, progress bar and summary have nothing to do in a predict run.
 TRAINER_DEFAULTS = {"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
@@ -144,6 +144,32 @@ def make_trainer(trainer_options: dict | None, callbacks: list) -> L.Trainer:
     options = TRAINER_DEFAULTS | dict(trainer_options or {})
     options["callbacks"] = list(options.get("callbacks") or []) + callbacks
     return L.Trainer(**options)
+
+
+def run_tiles(model, inputs: UtilityInputs, tiles: list[Tile | PairTile], *, engine: str, batch_size: int, folder,
+              trainer_options: dict | None, progress: bool, pairs: tuple[np.ndarray, np.ndarray] | None = None,
+              on_start=None) -> tuple[dict[Tile | PairTile, np.ndarray], bool]:
+    """Every tile's values: finished ones read from `folder`, the missing ones computed (and written
+    there) through Trainer.predict; `on_start()` runs first when anything is missing. Also whether
+    this process is rank 0."""
+    values = {}
+    if folder is not None:
+        values = {tile: array for tile in tiles if (array := read_tile(folder, tile)) is not None}
+    missing = [tile for tile in tiles if tile not in values]
+    if not missing:
+        return values, True
+    if on_start is not None:
+        on_start()
+    module = UtilityKernelModule(model, inputs, missing, engine=engine, batch_size=batch_size, pairs=pairs,
+                                 folder=folder)
+    trainer = make_trainer(trainer_options, [PairProgressBar(sum(t.passes() for t in missing), progress)])
+    values |= predict_tiles(trainer, module)
+    if folder is not None:
+        for tile in missing:
+            values[tile] = read_tile(folder, tile)
+            if values[tile] is None:
+                raise DeliftInputError("a finished tile is missing or unreadable", file=folder / tile.file_name)
+    return values, trainer.global_rank == 0
 
 
 def predict_tiles(trainer: L.Trainer, module: UtilityKernelModule) -> dict[Tile | PairTile, np.ndarray]:

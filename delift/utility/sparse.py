@@ -28,9 +28,9 @@ from delift.cache import UnreadableCacheFile, file_lock, load_npy, save_json, sa
 from delift.errors import DeliftInputError
 from delift.utility.formatting import UtilityInputs
 from delift.utility.graph import ANN_DEFAULTS, CandidateGraph, candidate_graph, random_columns, record_vectors
-from delift.utility.lightning import PairProgressBar, UtilityKernelModule, make_trainer, predict_tiles
+from delift.utility.lightning import run_tiles
 from delift.utility.plan import sampled_row_count
-from delift.utility.tiles import plan_pair_tiles, plan_tiles, read_tile
+from delift.utility.tiles import plan_pair_tiles, plan_tiles
 
 KERNEL_PARTS = ("kernel_indptr.npy", "kernel_indices.npy", "kernel_data.npy")
 DETAILS_FILE = "approximation.json"
@@ -108,20 +108,8 @@ def score_pairs(model, tokenizer, rows, cols, pair_rows: np.ndarray, pair_cols: 
                            max_length)
     inputs.warn_truncation(pairs=(local_rows, local_cols))
     tiles = plan_tiles(len(used_rows), 0, tile_size) + plan_pair_tiles(local_cols, len(used_cols), tile_size)
-    values = {}
-    if folder is not None:
-        values = {tile: array for tile in tiles if (array := read_tile(folder, tile)) is not None}
-    missing = [tile for tile in tiles if tile not in values]
-    if missing:
-        module = UtilityKernelModule(model, inputs, missing, engine=engine, batch_size=batch_size,
-                                     pairs=(local_rows, local_cols), folder=folder)
-        trainer = make_trainer(trainer_options, [PairProgressBar(sum(t.passes() for t in missing), progress)])
-        values |= predict_tiles(trainer, module)
-        if folder is not None:
-            for tile in missing:
-                values[tile] = read_tile(folder, tile)
-                if values[tile] is None:
-                    raise DeliftInputError("a finished tile is missing or unreadable", file=folder / tile.file_name)
+    values, _ = run_tiles(model, inputs, tiles, engine=engine, batch_size=batch_size, folder=folder,
+                          trainer_options=trainer_options, progress=progress, pairs=(local_rows, local_cols))
     zero_shot = np.zeros(len(used_rows), dtype=np.float32)
     one_shot = np.zeros(len(pair_rows), dtype=np.float32)
     for tile, array in values.items():
