@@ -7,12 +7,24 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from tests.conftest import MODEL_CACHE
+
+
+class SeededEmbedder:
+    """Fixed pseudo-random unit vectors per text: a deterministic candidate graph without loading a model."""
+
+    def identity(self):
+        return {"name": "seeded-test-vectors"}
+
+    def encode(self, texts):
+        vectors = np.stack([np.random.default_rng(sum(map(ord, t))).standard_normal(8) for t in texts])
+        return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 ROOT = Path(__file__).resolve().parents[1]

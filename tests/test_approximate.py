@@ -19,7 +19,7 @@ from delift.utility import sparse as sparse_module
 from delift.utility.graph import candidate_graph, nearest_columns, record_vectors
 from delift.utility.plan import calibrate, describe, plan_kernel
 from delift.utility.sparse import measured_over_predicted
-from tests.helpers import compose_config, run_py
+from tests.helpers import SeededEmbedder, compose_config, run_py
 
 
 def unit(rows):
@@ -158,15 +158,15 @@ def test_knn_engine_is_sparse_and_exact_on_its_pairs(toy, smollm2, tmp_path):
 
 def test_proxy_engine_predicts_candidates_and_keeps_measured_pairs_exact(tiny_qwen2, tmp_path, monkeypatch):
     records = [make_record(f"q{i}", "Answer.", f"What is {i} plus {i % 7}?", f"{i + i % 7}") for i in range(40)]
-    options = dict(engine="proxy", knn_k=4, knn_random=1, embedder=FixedPoolEmbedder(), cache_dir=tmp_path,
+    options = dict(engine="proxy", knn_k=4, knn_random=1, embedder=SeededEmbedder(), cache_dir=tmp_path,
                    model_identity=tiny_qwen2.identity, progress=False, tile_size=8,
                    proxy={"sample": {"rows": 10, "random": 3}, "network": {"max_epochs": 5}})
     details = {}
     kernel = compute_kernel(tiny_qwen2.model, tiny_qwen2.tokenizer, records, details=details, **options)
     exact = compute_kernel(tiny_qwen2.model, tiny_qwen2.tokenizer, records, progress=False)
     entries = stored(kernel)
-    graph = candidate_graph(FixedPoolEmbedder().encode([record_text(r) for r in records]),
-                            FixedPoolEmbedder().encode([record_text(r) for r in records]), 4, random=1)
+    graph = candidate_graph(SeededEmbedder().encode([record_text(r) for r in records]),
+                            SeededEmbedder().encode([record_text(r) for r in records]), 4, random=1)
     graph_pairs = set(zip(graph.pair_rows().tolist(), graph.indices.tolist()))
     assert graph_pairs <= set(entries)
     (folder,) = (tmp_path / "utility_kernel").iterdir()
@@ -184,16 +184,6 @@ def test_proxy_engine_predicts_candidates_and_keeps_measured_pairs_exact(tiny_qw
     again = {}
     cached = compute_kernel(tiny_qwen2.model, tiny_qwen2.tokenizer, records, details=again, **options)
     assert (cached != kernel).nnz == 0 and again == json.loads(json.dumps(details))
-
-
-class FixedPoolEmbedder:
-    """Seeded vectors per text (no model to load)."""
-
-    def identity(self):
-        return {"name": "seeded"}
-
-    def encode(self, texts):
-        return unit(np.stack([np.random.default_rng(sum(map(ord, t))).standard_normal(8) for t in texts]))
 
 
 def test_plan_counts_pairs_passes_and_tiles():

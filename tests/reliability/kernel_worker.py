@@ -16,20 +16,10 @@ from delift.models import PackagedGGUFModel, TinyRandomModel  # noqa: E402
 from delift.records import make_record  # noqa: E402
 from delift.utility import compute_kernel  # noqa: E402
 from tests.conftest import MODEL_CACHE, TINY_CONFIG  # noqa: E402
+from tests.helpers import SeededEmbedder  # noqa: E402
 
 N_RECORDS = 16
 TILE_SIZE = {"fast": 2, "knn": 1}
-
-
-class SeededEmbedder:
-    """Fixed pseudo-random unit vectors per text: a deterministic graph without loading a model."""
-
-    def identity(self):
-        return {"name": "seeded-test-vectors"}
-
-    def encode(self, texts):
-        vectors = np.stack([np.random.default_rng(sum(map(ord, t))).standard_normal(8) for t in texts])
-        return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
 
 
 def records():
