@@ -13,6 +13,7 @@ from functools import cached_property
 import numpy as np
 
 from delift.cache import cache_folder, cached_array, content_hash
+from delift.errors import DeliftInputError
 
 
 @dataclass
@@ -28,8 +29,6 @@ class Embedder:
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16"):
-            from delift.errors import DeliftInputError
-
             raise DeliftInputError(f"must be float32 or bfloat16, got {self.dtype!r}", field="embedder.dtype")
 
     def identity(self) -> dict:

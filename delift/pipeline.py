@@ -92,13 +92,12 @@ def kernel_summary(kernel) -> dict:
     """Shape and value range; for a sparse kernel over its stored entries, with their count."""
     import scipy.sparse as sp
 
-    if sp.issparse(kernel):
-        values = kernel.data
-        return {"shape": list(kernel.shape), "sparse": True, "nnz": int(kernel.nnz),
-                "min": float(values.min()) if len(values) else 0.0, "max": float(values.max()) if len(values) else 0.0,
-                "mean": float(values.mean()) if len(values) else 0.0}
-    return {"shape": list(kernel.shape), "min": float(kernel.min()), "max": float(kernel.max()),
-            "mean": float(kernel.mean())}
+    sparse = sp.issparse(kernel)
+    values = kernel.data if sparse else kernel
+    summary = {"shape": list(kernel.shape)} | ({"sparse": True, "nnz": int(kernel.nnz)} if sparse else {})
+    if values.size == 0:  # a sparse kernel that stores nothing
+        return summary | {"min": 0.0, "max": 0.0, "mean": 0.0}
+    return summary | {"min": float(values.min()), "max": float(values.max()), "mean": float(values.mean())}
 
 
 def plan_kernels(selector, ctx: SelectionContext, objective: str, output_dir: Path) -> dict:
