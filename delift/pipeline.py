@@ -103,22 +103,13 @@ def kernel_summary(kernel) -> dict:
 def plan_kernels(selector, ctx: SelectionContext, objective: str, output_dir: Path) -> dict:
     """The dry run: each kernel's plan and a time estimate from one calibration (the model, the
     tokenizer and a few batches; no embeddings, no kernel)."""
-    from delift.selectors.delift import engine_options
-    from delift.utility import UtilityTemplate
-    from delift.utility.plan import calibrate, describe, estimate_seconds, plan_kernel
+    from delift.utility.kernel import PLAN_OPTIONS, kernel_plan
+    from delift.utility.plan import describe, estimate_seconds
 
-    options = engine_options(ctx.kernel_options)
+    options = {k: v for k, v in ctx.kernel_options.items() if k in PLAN_OPTIONS}
     plans, lines = {}, []
     for name, (rows, cols) in selector.kernel_sources(ctx, objective).items():
-        plan = plan_kernel(len(rows), len(rows if cols is None else cols), engine=options.get("engine", "fast"),
-                           tile_size=options.get("tile_size", 64), knn_k=options.get("knn_k", 8),
-                           knn_random=options.get("knn_random", 0), features=options.get("features", "embedder"),
-                           proxy=options.get("proxy"), same_records=cols is None)
-        calibration = calibrate(ctx.model.model, ctx.model.tokenizer, rows, rows if cols is None else cols,
-                                template=UtilityTemplate.from_config(options.get("template")),
-                                max_length=options.get("max_length", 1024), engine=plan.engine,
-                                batch_size=options.get("batch_size", 16), reuse=plan.reuse,
-                                seed=options.get("seed", 0))
+        plan, calibration = kernel_plan(ctx.model.model, ctx.model.tokenizer, rows, cols, **options)
         estimate = round(estimate_seconds(plan, calibration), 1)
         plans[name] = plan.to_dict() | calibration | {"estimated_seconds": estimate}
         lines.append(describe(plan, calibration, name=name))

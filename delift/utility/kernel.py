@@ -15,7 +15,7 @@ from delift.records import validate_records
 from delift.utility.formatting import UtilityInputs, UtilityTemplate
 from delift.utility.graph import ANN_DEFAULTS, features_identity
 from delift.utility.lightning import run_tiles
-from delift.utility.plan import calibrate, describe, plan_kernel
+from delift.utility.plan import KernelPlan, calibrate, describe, plan_kernel
 from delift.utility.sparse import compute_sparse_kernel
 from delift.utility.tiles import CACHE_KIND, KERNEL_FILE, assemble_kernel, kernel_key, plan_tiles
 
@@ -63,13 +63,11 @@ def compute_kernel(model, tokenizer, rows: Sequence[Mapping], cols: Sequence[Map
         raise DeliftInputError("needs at least one row and one column record", field="kernel.records")
     template = UtilityTemplate.from_config(template)
     shape = (len(rows), len(cols))
-    plan = plan_kernel(*shape, engine=engine, tile_size=tile_size, knn_k=knn_k, knn_random=knn_random,
-                       features=features, proxy=proxy, same_records=same)
 
     def log_plan() -> None:
-        calibration = calibrate(model, tokenizer, rows, cols, template=template, max_length=max_length,
-                                engine=engine, batch_size=batch_size, reuse=plan.reuse, seed=seed)
-        log.info(describe(plan, calibration))
+        log.info(describe(*kernel_plan(model, tokenizer, rows, None if same else cols, template=template, engine=engine,
+                                       batch_size=batch_size, tile_size=tile_size, max_length=max_length, knn_k=knn_k,
+                                       knn_random=knn_random, features=features, proxy=proxy, seed=seed)))
 
     folder, parts = None, None
     if approximate:
@@ -101,6 +99,27 @@ def compute_kernel(model, tokenizer, rows: Sequence[Mapping], cols: Sequence[Map
     return _exact_kernel(model, tokenizer, rows, cols, shape, template=template, engine=engine, batch_size=batch_size,
                          tile_size=tile_size, max_length=max_length, folder=folder, trainer_options=trainer_options,
                          progress=progress, on_start=log_plan)
+
+
+# The kernel options a plan depends on (kernel_plan's keywords).
+PLAN_OPTIONS = ("template", "engine", "batch_size", "tile_size", "max_length", "knn_k", "knn_random", "features",
+                "proxy", "seed")
+
+
+def kernel_plan(model, tokenizer, rows: Sequence[Mapping], cols: Sequence[Mapping] | None = None, *, template=None,
+                engine: str = "fast", batch_size: int = 16, tile_size: int = 64, max_length: int = 1024,
+                knn_k: int = 8, knn_random: int = 0, features: str = "embedder", proxy: Mapping | None = None,
+                seed: int = 0) -> tuple[KernelPlan, dict]:
+    """What `compute_kernel` with these options would do (pairs, passes, tiles) and its calibration
+    on this machine (a few batches); computes no kernel."""
+    same = cols is None
+    cols = rows if same else cols
+    plan = plan_kernel(len(rows), len(cols), engine=engine, tile_size=tile_size, knn_k=knn_k, knn_random=knn_random,
+                       features=features, proxy=_proxy_options(proxy) if engine == "proxy" else None,
+                       same_records=same)
+    calibration = calibrate(model, tokenizer, rows, cols, template=UtilityTemplate.from_config(template),
+                            max_length=max_length, engine=engine, batch_size=batch_size, reuse=plan.reuse, seed=seed)
+    return plan, calibration
 
 
 def _proxy_options(proxy: Mapping | None) -> dict:
