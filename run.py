@@ -37,6 +37,8 @@ def main(cfg: DictConfig) -> float | None:
             raise
         print(f"delift: error: {problem}", file=sys.stderr)
         sys.exit(2)
+    if results.get("rank_zero") is False:  # a DDP rank other than 0: rank 0 reports
+        return None
     print(results_table(results))
     return results.get("metrics", {}).get(cfg.get("optimized_metric", "rouge1"))
 

@@ -1,4 +1,5 @@
-"""Batched generation: greedy by default, left-padded, stops at EOS, prompts sorted by length."""
+"""Batched generation: greedy by default, left-padded, prompts sorted by length; stops where the model
+would end its turn (`stop_token_ids`)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,35 @@ def _pad(sequences, pad_id: int, *, left: bool) -> tuple[torch.Tensor, torch.Ten
     return ids, mask
 
 
+END_OF_TURN_PROBE = "delift-end-of-turn-probe"
+
+
+def end_of_turn_token_id(tokenizer) -> int | None:
+    """The special token the chat template writes right after an assistant message (Phi-3's <|end|>,
+    ChatML's <|im_end|>, Llama 3's <|eot_id|>), or None without a template or such a token."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": END_OF_TURN_PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that rejects this conversation has no usable answer here
+        return None
+    if END_OF_TURN_PROBE not in text:
+        return None
+    after = tokenizer(text.split(END_OF_TURN_PROBE, 1)[1].lstrip(), add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return int(after[0]) if after and after[0] in special else None
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """Where generation stops: the model's generation-config EOS ids (Phi-3 lists three), the
+    tokenizer's EOS and the chat template's end-of-turn token (not always the EOS), without repeats."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = list(configured) if isinstance(configured, (list, tuple)) else [configured]
+    ids += [tokenizer.eos_token_id, end_of_turn_token_id(tokenizer)]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, batch_size: int = 8,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, max_prompt_tokens: int = 1024,
@@ -40,12 +70,13 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, 
     was_training = model.training
     model.eval()
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
+    stop_ids = stop_token_ids(model, tokenizer)
     for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch", disable=not progress):
         batch = order[start:start + batch_size]
         ids, mask = left_pad([encoded[i] for i in batch], tokenizer.pad_token_id)
         width = ids.shape[1]
         generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                   max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                   max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
                                    pad_token_id=tokenizer.pad_token_id, **sampling)
         for row, i in enumerate(batch):
             outputs[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()

@@ -206,13 +206,9 @@ class Judge:
 
     @property
     def loaded(self) -> LoadedModel:
-        """The judge model, loaded (and moved to the GPU where `device` says so) on first use."""
+        """The judge model, loaded onto `device` (delift.devices: auto is CUDA when present) on first use."""
         if self._loaded is None:
-            loaded = self.model.load()
-            device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
-            if not getattr(loaded.model, "is_quantized", False):  # 4-bit models are placed when loaded
-                loaded.model.to(device)
-            self._loaded = loaded
+            self._loaded = self.model.load(self.device)
         return self._loaded
 
     def unload(self) -> None:

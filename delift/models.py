@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from delift.cache import content_hash, file_lock
+from delift.devices import place, resolve_device
 from delift.errors import DeliftInputError
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,9 @@ class HubModel:
         return {"kind": "hub", "name": self.name, "revision": self.revision, "dtype": self.dtype,
                 "load_in_4bit": self.quantized()}
 
-    def load(self) -> LoadedModel:
+    def load(self, device=None) -> LoadedModel:
+        """Tokenizer and model, the model loaded straight onto `device` (see delift.devices)."""
+        device = resolve_device(device)
         kwargs = {"revision": self.revision, "trust_remote_code": self.trust_remote_code}
         if Path(self.name).expanduser().is_absolute() and not Path(self.name).expanduser().exists():
             raise DeliftInputError("model path does not exist", file=self.name, field="model.name")
@@ -76,6 +79,8 @@ class HubModel:
             model_kwargs = {"dtype": _dtype(self.dtype)}
             if self.quantized():
                 model_kwargs["quantization_config"] = _nf4_config()
+            if device.type == "cuda":  # bitsandbytes places 4-bit weights as they load; they cannot move later
+                model_kwargs["device_map"] = {"": str(device)}
             model = AutoModelForCausalLM.from_pretrained(self.name, **kwargs, **model_kwargs)
         except OSError as err:
             raise DeliftInputError(f"cannot load model ({err.__class__.__name__}: {str(err).splitlines()[0]})",
@@ -145,10 +150,10 @@ class PackagedGGUFModel:
     def load_tokenizer(self):
         return _finish_tokenizer(AutoTokenizer.from_pretrained(self.convert()))
 
-    def load(self) -> LoadedModel:
+    def load(self, device=None) -> LoadedModel:
         path = self.convert()
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(self.dtype))
-        return LoadedModel(model.eval(), self.load_tokenizer(), self.name, self.identity())
+        return LoadedModel(place(model.eval(), device), self.load_tokenizer(), self.name, self.identity())
 
 
 @dataclass
@@ -169,7 +174,7 @@ class TinyRandomModel:
         return {"kind": "tiny", "name": self.name, "arch": self.arch, "seed": self.seed, "dtype": self.dtype,
                 "config": dict(self.config), "tokenizer": self.tokenizer_source.identity()}
 
-    def load(self) -> LoadedModel:
+    def load(self, device=None) -> LoadedModel:
         from transformers import Phi3Config, Qwen2Config, LlamaConfig
 
         configs = {"qwen2": Qwen2Config, "phi3": Phi3Config, "llama": LlamaConfig}
@@ -188,4 +193,4 @@ class TinyRandomModel:
             torch.manual_seed(self.seed)
             model = AutoModelForCausalLM.from_config(config, dtype=_dtype(self.dtype))
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-        return LoadedModel(model.eval(), tokenizer, self.name, self.identity())
+        return LoadedModel(place(model.eval(), device), tokenizer, self.name, self.identity())

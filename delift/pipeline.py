@@ -7,6 +7,7 @@ own module and is usable alone (see the README's Python API section).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from delift.cache import save_json, save_jsonl
 from delift.data import build_stage
+from delift.devices import is_global_zero
+from delift.errors import DeliftInputError
 from delift.evaluation import evaluate
 from delift.icl import nearest_demonstrations
 from delift.selectors import SelectionContext
@@ -45,6 +48,7 @@ def selection_context(cfg: DictConfig, stage, output_dir: Path) -> SelectionCont
         cache_dir=cfg.paths.cache_dir, output_dir=output_dir, model_spec=instantiate(cfg.model),
         embedder=instantiate(cfg.embedder), kernel_options=_container(cfg.kernel),
         train_options=_container(cfg.train), trainer_options=_container(cfg.trainer), progress=cfg.progress,
+        device=cfg.get("device", "auto"),
     )
 
 
@@ -62,8 +66,8 @@ def write_selection(output_dir: Path, selection, selector, stage, budget: int | 
 
 def compute_kernels(selector, ctx: SelectionContext, output_dir: Path, timings: dict, dry_run: bool = False) -> dict:
     """`task=kernel`: compute (and cache) the kernels the selector's objective needs, and plot them;
-    with `dry_run`, only plan them and estimate their time (plan.json)."""
-    from delift.errors import DeliftInputError
+    with `dry_run`, only plan them and estimate their time (plan.json); with `kernel.shard`, only
+    that shard's tiles of each (results.json lists them per kernel). Under DDP rank 0 writes."""
     from delift.plots import plot_kernel
     from delift.selectors.delift import DeliftSelector, KernelObjectiveSelector
 
@@ -78,10 +82,15 @@ def compute_kernels(selector, ctx: SelectionContext, output_dir: Path, timings: 
         return plan_kernels(selector, ctx, objective, output_dir)
     with _timed(timings, "kernel"):
         kernels, _, details = selector.kernels(ctx, objective)
+    if not is_global_zero():  # under DDP every rank computed its share of the tiles; rank 0 writes
+        return {"rank_zero": False}
     summary = {}
-    for name, kernel in ((n, k) for n, k in kernels.items() if k is not None):
-        plot_kernel(kernel, output_dir / f"{name}.png", title=f"{selector.name} {name} ({ctx.stage})")
-        summary[name] = kernel_summary(kernel) | ({"details": details[name]} if name in details else {})
+    for name, kernel in kernels.items():
+        if kernel is not None:
+            plot_kernel(kernel, output_dir / f"{name}.png", title=f"{selector.name} {name} ({ctx.stage})")
+            summary[name] = kernel_summary(kernel) | ({"details": details[name]} if name in details else {})
+        elif "shard" in details.get(name, {}):  # kernel.shard: its tiles are in the cache, no kernel to describe
+            summary[name] = {"details": details[name]}
     results = {"stage": ctx.stage, "selector": selector.name, "objective": objective, "kernels": summary,
                "timings": timings}
     save_json(output_dir / "results.json", results)
@@ -120,10 +129,19 @@ def plan_kernels(selector, ctx: SelectionContext, objective: str, output_dir: Pa
 
 
 def run(cfg: DictConfig) -> dict:
-    """Run one job; returns the results dict also written to results.json."""
+    """Run one job; returns the results dict also written to results.json.
+
+    Under DDP (trainer=ddp) every rank runs this function; the kernel's tiles and fine-tuning's
+    batches are split over the ranks, and only rank 0 writes files, logs and evaluates (generation
+    is a small share of a job, and one process keeps the predictions those of a single-process run).
+    The other ranks return {"rank_zero": False} once fine-tuning is done.
+    """
+    check_launch(cfg)
+    writes = is_global_zero()
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if writes:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     timings: dict[str, float] = {}
     started = time.perf_counter()
     import lightning as L
@@ -145,7 +163,8 @@ def run(cfg: DictConfig) -> dict:
         selection = selector.select(ctx)
     timings.update({f"select/{k}": v for k, v in selection.info.get("timings", {}).items()})
     kernel_report = selection.info.get("kernel_report")
-    write_selection(output_dir, selection, selector, stage, budget, cfg.seed)
+    if writes:
+        write_selection(output_dir, selection, selector, stage, budget, cfg.seed)
     log.info("Selected %d of %d with %s", len(selection.indices), len(stage.pool), selector.name)
     results = {"stage": stage.name, "selector": selector.name, "model": ctx.model_spec.name,
                "n_pool": len(stage.pool), "n_selected": len(selection.indices), "seed": cfg.seed,
@@ -154,10 +173,11 @@ def run(cfg: DictConfig) -> dict:
         results["kernel"] = kernel_report
     if cfg.task == "select":
         results["timings"] = timings
-        save_json(output_dir / "results.json", results)
+        if writes:
+            save_json(output_dir / "results.json", results)
         return results
 
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    logger = instantiate(cfg.logger) if cfg.get("logger") and writes else False
     if logger:
         logger.log_hyperparams(_container(cfg))
     judge = instantiate(cfg.judge) if cfg.get("judge") else None
@@ -168,7 +188,7 @@ def run(cfg: DictConfig) -> dict:
                             progress=cfg.progress, judge=judge)
     metrics_by_mode, rows = {}, []
     # ICL first: it prompts the base model, which fine-tuning then adapts in place.
-    if "icl" in eval_modes(cfg.eval.mode):
+    if "icl" in eval_modes(cfg.eval.mode) and writes:
         demonstrations = nearest_demonstrations(stage.eval, subset, ctx.embedder, cfg.eval.icl_k)
         with _timed(timings, "evaluate_icl"):
             metrics_by_mode["icl"], icl_rows = evaluate(loaded.model, loaded.tokenizer, stage.eval, ctx.embedder,
@@ -184,11 +204,16 @@ def run(cfg: DictConfig) -> dict:
                                  optim=_container(cfg.train.optim), trainer_options=_container(cfg.trainer),
                                  output_dir=output_dir, seed=cfg.seed, logger=logger,
                                  use_chat_template=cfg.train.use_chat_template, resume=cfg.resume,
-                                 checkpoint_every_n_steps=cfg.train.checkpoint_every_n_steps).model
+                                 checkpoint_every_n_steps=cfg.train.checkpoint_every_n_steps,
+                                 gradient_checkpointing=bool(cfg.train.get("gradient_checkpointing"))).model
+        if not writes:
+            return {"rank_zero": False}
         with _timed(timings, "evaluate_finetune"):
             metrics_by_mode["finetune"], ft_rows = evaluate(model, loaded.tokenizer, stage.eval, ctx.embedder,
                                                             **evaluate_options)
         rows += [{"mode": "finetune", **row} for row in ft_rows]
+    if not writes:
+        return {"rank_zero": False}
     save_jsonl(output_dir / "predictions.jsonl", rows)
     timings["total"] = round(time.perf_counter() - started, 2)
     primary = "finetune" if "finetune" in metrics_by_mode else "icl"
@@ -202,11 +227,32 @@ def run(cfg: DictConfig) -> dict:
     return results
 
 
+def check_launch(cfg: DictConfig) -> None:
+    """Fail at once on what cannot work: DDP inside a multirun, kernel shards outside task=kernel."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from delift.devices import process_count
+
+    trainer = _container(cfg.trainer)
+    ddp = "ddp" in str(trainer.get("strategy", "auto")) and process_count(trainer) > 1
+    # Lightning re-launches `run.py` for each extra rank, which a multirun's job cannot be (a known
+    # Lightning + Hydra breakage); under SLURM the ranks are SLURM's own tasks, and that works.
+    external = int(os.environ.get("SLURM_NTASKS", 1)) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if ddp and multirun and not external:
+        raise DeliftInputError(
+            "trainer=ddp cannot run inside a multirun (-m): Lightning re-launches run.py for every rank. Run each "
+            "job as its own `python run.py ... trainer=ddp` command (e.g. a shell loop over the grid), or use "
+            "`hydra/launcher=slurm`, where SLURM starts one task per GPU", field="trainer.strategy")
+    if int(cfg.kernel.get("num_shards") or 1) > 1 and cfg.task != "kernel":
+        raise DeliftInputError("kernel shards only compute tiles: use task=kernel, then run without "
+                               "kernel.shard/num_shards to assemble the kernel and select", field="kernel.num_shards")
+
+
 def eval_modes(mode: str) -> tuple[str, ...]:
     modes = {"finetune": ("finetune",), "icl": ("icl",), "both": ("icl", "finetune")}
     if mode not in modes:
-        from delift.errors import DeliftInputError
-
         raise DeliftInputError(f"unknown mode {mode!r}; choose one of {sorted(modes)}", field="eval.mode")
     return modes[mode]
 
@@ -241,8 +287,16 @@ def results_table(results: dict) -> str:
     if results.get("dry_run"):
         return "\n".join(results["plan_lines"])
     if "kernels" in results:
-        return "\n".join(f"{name:<15} shape {tuple(k['shape'])}  min {k['min']:.4f}  mean {k['mean']:.4f}  "
-                         f"max {k['max']:.4f}" for name, k in results["kernels"].items())
+        lines = []
+        for name, k in results["kernels"].items():
+            if "shape" in k:
+                lines.append(f"{name:<15} shape {tuple(k['shape'])}  min {k['min']:.4f}  mean {k['mean']:.4f}  "
+                             f"max {k['max']:.4f}")
+            else:  # one shard of the kernel
+                d = k["details"]
+                lines.append(f"{name:<15} shard {d['shard']}/{d['num_shards']}: {d['shard_tiles']} of {d['tiles']} "
+                             f"tiles ({d['computed']} computed)")
+        return "\n".join(lines)
     by_mode = results.get("metrics_by_mode") or {"-": results.get("metrics", {})}
     keys = list(dict.fromkeys(k for metrics in by_mode.values() for k in metrics))
     lines = [f"{'stage':<12} {'selector':<10} {'selected':>10} {'mode':<9}" + "".join(f"{k:>20}" for k in keys)]

@@ -19,6 +19,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Sampler
 
+from delift.devices import is_quantized, kept_in_place, model_device, trainer_arguments
 from delift.errors import DeliftInputError
 from delift.prompts import format_prompt
 
@@ -54,21 +55,37 @@ def collate(examples: list[dict], pad_id: int) -> dict:
 
 
 class EpochSeededShuffle(Sampler):
-    """A shuffle that depends only on (seed, epoch), so a resumed run sees the batches it would have."""
+    """A shuffle that depends only on (seed, epoch), so a resumed run sees the batches it would have.
+
+    Under DDP (`shard`) rank r takes every world-th example of that one order, so with a per-rank
+    batch of batch_size / world the ranks together hold exactly the examples one process would
+    batch; a rank left short is padded with index `pad_index` (an example with no scored token),
+    since every rank must run the same number of steps.
+    """
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed, self.epoch = n, seed, 0
+        self.rank, self.world = 0, 1
         self.skip = 0  # examples of this epoch already trained on (a run resumed mid-epoch)
+
+    @property
+    def pad_index(self) -> int:
+        return self.n
+
+    def shard(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
 
     def set_epoch(self, epoch: int) -> None:  # Lightning calls this at the start of every epoch
         self.epoch = epoch
 
     def __iter__(self):
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        return iter(order[self.skip:].tolist())
+        remaining = order[self.skip:].tolist()
+        share = remaining[self.rank::self.world]
+        return iter(share + [self.pad_index] * (-(-len(remaining) // self.world) - len(share)))
 
     def __len__(self) -> int:
-        return self.n
+        return -(-self.n // self.world)
 
 
 class LoRAFineTuner(L.LightningModule):
@@ -79,8 +96,14 @@ class LoRAFineTuner(L.LightningModule):
         self.strict_loading = False  # checkpoints hold the adapter only
 
     def training_step(self, batch, batch_idx):
-        loss = self.model(**batch).loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        # The loss is the mean over the response tokens of the step's whole batch, wherever they are:
+        # each rank divides its token sum by (global token count / world size) and DDP averages the
+        # gradients, so N processes take the steps one process would.
+        world = self.trainer.world_size
+        scored = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        total = self.all_gather(scored).sum() if world > 1 else scored
+        loss = self.model(**batch, num_items_in_batch=total.float() / world).loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=world > 1)
         return loss
 
     def configure_optimizers(self):
@@ -97,7 +120,7 @@ class LoRAFineTuner(L.LightningModule):
         if isinstance(loader.sampler, EpochSeededShuffle):
             done = (trainer.global_step * trainer.accumulate_grad_batches
                     - trainer.current_epoch * trainer.num_training_batches)
-            loader.sampler.skip = max(0, done) * loader.batch_size
+            loader.sampler.skip = max(0, done) * loader.batch_size * trainer.world_size
 
     def on_save_checkpoint(self, checkpoint):
         # Resumable checkpoints carry the adapter only, not the frozen base model.
@@ -119,6 +142,16 @@ class EpochCheckpoints(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         epoch_dir = self.folder / f"epoch_{trainer.current_epoch + 1}"
+        mean_lr = sum(self._lrs) / len(self._lrs)
+        self.saved.append(epoch_dir)
+        self.epoch_lrs.append(mean_lr)
+        self._lrs = []
+        if trainer.is_global_zero:  # DDP ranks hold the same adapter and moments: one writes, all wait
+            self._write(epoch_dir, trainer, pl_module, mean_lr)
+        trainer.strategy.barrier("epoch-checkpoint-written")
+
+    @staticmethod
+    def _write(epoch_dir: Path, trainer, pl_module, mean_lr: float) -> None:
         pl_module.model.save_pretrained(epoch_dir)
         optimizer = trainer.optimizers[0]
         moments = {}
@@ -129,13 +162,9 @@ class EpochCheckpoints(L.Callback):
                 moments[f"exp_avg_sq/{name}"] = state["exp_avg_sq"].detach().cpu().contiguous()
         save_file(moments, str(epoch_dir / "optimizer.safetensors"))
         group = optimizer.param_groups[0]
-        mean_lr = sum(self._lrs) / len(self._lrs)
         (epoch_dir / "state.json").write_text(json.dumps({
             "epoch": trainer.current_epoch + 1, "step": trainer.global_step, "mean_lr": mean_lr,
             "betas": list(group["betas"]), "eps": group["eps"]}, indent=2))
-        self.saved.append(epoch_dir)
-        self.epoch_lrs.append(mean_lr)
-        self._lrs = []
 
 
 @dataclass
@@ -147,16 +176,33 @@ class FinetuneResult:
     seconds: float = 0.0
 
 
+def prepare_for_training(model, gradient_checkpointing: bool = False):
+    """QLoRA's preparation of a 4-bit model (norms in fp32, inputs that carry gradients), and gradient
+    checkpointing (activations recomputed in the backward pass: far less memory for ~30 % more time)."""
+    checkpointing = {"use_reentrant": False}
+    if is_quantized(model):
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                               gradient_checkpointing_kwargs=checkpointing)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    return model
+
+
 def finetune(loaded, records: list[dict], *, lora: dict, optim: dict, trainer_options: dict | None = None,
              output_dir, seed: int = 0, save_epoch_checkpoints: bool = False, logger=False,
-             use_chat_template: bool = True, resume: bool = False,
-             checkpoint_every_n_steps: int | None = None) -> FinetuneResult:
-    """Fine-tune `loaded.model` with LoRA on `records`; returns the PEFT model in eval mode.
+             use_chat_template: bool = True, resume: bool = False, checkpoint_every_n_steps: int | None = None,
+             gradient_checkpointing: bool = False) -> FinetuneResult:
+    """Fine-tune `loaded.model` with LoRA on `records`; returns the PEFT model in eval mode, on the
+    device the model was on (Lightning's teardown would leave it on CPU).
 
-    `lora`: r, alpha, dropout, target_modules. `optim`: lr, epochs, batch_size, max_length,
-    weight_decay, grad_accum. `trainer_options`: extra Lightning Trainer arguments. With
-    `resume=True` training continues from `output_dir/checkpoints/last.ckpt` if it exists; that
-    checkpoint (adapter + optimizer) is written every epoch, or every `checkpoint_every_n_steps`.
+    `lora`: r, alpha, dropout, target_modules. `optim`: lr, epochs, batch_size (the global batch:
+    under DDP each of N ranks takes batch_size / N), max_length, weight_decay, grad_accum.
+    `trainer_options`: Lightning Trainer arguments (delift.devices.trainer_arguments: accelerator and
+    precision `auto` follow the model's device). With `resume=True` training continues from
+    `output_dir/checkpoints/last.ckpt` if it exists; that checkpoint (adapter + optimizer) is written
+    every epoch, or every `checkpoint_every_n_steps`. Only rank 0 writes files.
     """
     import time
 
@@ -168,29 +214,39 @@ def finetune(loaded, records: list[dict], *, lora: dict, optim: dict, trainer_op
     tokenizer = loaded.tokenizer
     config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                         target_modules=lora.get("target_modules", "all-linear"), task_type="CAUSAL_LM")
-    model = get_peft_model(loaded.model, config)
+    model = get_peft_model(prepare_for_training(loaded.model, gradient_checkpointing), config)
     examples = [encode_example(tokenizer, r, optim["max_length"], use_chat_template=use_chat_template)
                 for r in records]
-    loader = DataLoader(examples, batch_size=optim["batch_size"], sampler=EpochSeededShuffle(len(examples), seed),
-                        collate_fn=lambda batch: collate(batch, tokenizer.pad_token_id))
-    model.train()
-    module = LoRAFineTuner(model, lr=optim["lr"], weight_decay=optim.get("weight_decay", 0.0))
+    sampler = EpochSeededShuffle(len(examples), seed)
+    examples.append({"input_ids": [tokenizer.pad_token_id], "labels": [IGNORE_INDEX]})  # a rank's padding
     cadence = {"every_n_train_steps": checkpoint_every_n_steps} if checkpoint_every_n_steps else {"every_n_epochs": 1}
     callbacks = [L.pytorch.callbacks.ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True,
                                                      save_top_k=0, **cadence)]
     epoch_checkpoints = EpochCheckpoints(output_dir / "epoch_checkpoints") if save_epoch_checkpoints else None
     if epoch_checkpoints:
         callbacks.append(epoch_checkpoints)
-    options = {"accelerator": "auto", "devices": 1, "enable_model_summary": False,
-               "log_every_n_steps": 1} | dict(trainer_options or {})
+    options = {"devices": 1, "enable_model_summary": False, "log_every_n_steps": 1} | trainer_arguments(
+        trainer_options, model_device(model))
     callbacks += list(options.pop("callbacks", None) or [])
+    # The sampler shards the data itself (Lightning's distributed sampler would not pass epochs on to it).
     trainer = L.Trainer(max_epochs=optim["epochs"], accumulate_grad_batches=optim.get("grad_accum", 1),
-                        logger=logger, callbacks=callbacks, default_root_dir=output_dir, **options)
+                        logger=logger, callbacks=callbacks, default_root_dir=output_dir,
+                        use_distributed_sampler=False, **options)
+    if optim["batch_size"] % trainer.world_size:
+        raise DeliftInputError(f"the batch of {optim['batch_size']} is split over {trainer.world_size} processes: "
+                               "make it a multiple of their number", field="train.optim.batch_size")
+    sampler.shard(trainer.global_rank, trainer.world_size)
+    loader = DataLoader(examples, batch_size=optim["batch_size"] // trainer.world_size, sampler=sampler,
+                        collate_fn=lambda batch: collate(batch, tokenizer.pad_token_id))
+    model.train()
+    module = LoRAFineTuner(model, lr=optim["lr"], weight_decay=optim.get("weight_decay", 0.0))
     last = output_dir / "checkpoints" / "last.ckpt"
-    trainer.fit(module, loader, ckpt_path=str(last) if resume and last.exists() else None, weights_only=True)
+    with kept_in_place(model):
+        trainer.fit(module, loader, ckpt_path=str(last) if resume and last.exists() else None, weights_only=True)
     model.eval()
     adapter_dir = output_dir / "adapter"
-    model.save_pretrained(adapter_dir)
+    if trainer.is_global_zero:
+        model.save_pretrained(adapter_dir)
     return FinetuneResult(model, adapter_dir,
                           epoch_checkpoints.saved if epoch_checkpoints else [],
                           epoch_checkpoints.epoch_lrs if epoch_checkpoints else [],

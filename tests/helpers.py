@@ -45,8 +45,18 @@ def compose_config(overrides=(), output_dir=None, cache_dir=MODEL_CACHE):
     return cfg
 
 
+def isolated_cache(tmp_path) -> Path:
+    """A cache folder of its own (kernels, embeddings, features) that shares the converted models."""
+    cache = Path(tmp_path) / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    (Path(MODEL_CACHE) / "models").mkdir(parents=True, exist_ok=True)
+    if not (cache / "models").exists():
+        (cache / "models").symlink_to(Path(MODEL_CACHE) / "models", target_is_directory=True)
+    return cache
+
+
 def run_py(args, cwd, env_extra=None, timeout=600) -> subprocess.CompletedProcess:
     """`python run.py ARGS` in a subprocess, offline, with the shared model cache."""
-    env = dict(os.environ, DELIFT_CACHE_DIR=MODEL_CACHE, WANDB_MODE="offline", **(env_extra or {}))
+    env = {**os.environ, "DELIFT_CACHE_DIR": MODEL_CACHE, "WANDB_MODE": "offline", **(env_extra or {})}
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)

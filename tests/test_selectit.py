@@ -135,7 +135,7 @@ def test_end_to_end_on_tiny_model_with_cache_and_model_level(tiny_qwen2, toy_rec
 
     # Model level: the same model twice (weights 1/2, 1/2) gives the single-model scores back.
     class SameModel:
-        def load(self):
+        def load(self, device=None):
             return tiny_qwen2
 
     both = SelectITSelector(fraction=0.3, rating_prompts=prompts, extra_models=[SameModel()]).select(ctx)

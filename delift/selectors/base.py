@@ -8,6 +8,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
+from delift.devices import place
 from delift.errors import DeliftInputError
 
 SELECTORS: dict[str, type["Selector"]] = {}
@@ -56,16 +57,19 @@ class SelectionContext:
     train_options: dict = field(default_factory=dict)
     trainer_options: dict = field(default_factory=dict)
     progress: bool = True
+    device: str = "auto"  # where models run (delift.devices.resolve_device)
     loader: Callable | None = None  # overrides model_spec.load (tests, the Python API)
 
     @cached_property
     def model(self):
-        """The LoadedModel (model, tokenizer, name, identity)."""
+        """The LoadedModel (model, tokenizer, name, identity), on `device`."""
         if self.loader is not None:
-            return self.loader()
+            loaded = self.loader()
+            place(loaded.model, self.device)
+            return loaded
         if self.model_spec is None:
             raise DeliftInputError("this selector needs a model, and none is configured", field="model")
-        return self.model_spec.load()
+        return self.model_spec.load(self.device)
 
 
 @dataclass

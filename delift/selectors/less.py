@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from delift.cache import cache_folder, content_hash, load_npy, records_hash, save_json, save_npy
+from delift.devices import model_device, resolve_device
 from delift.errors import DeliftInputError
 from delift.selectors.base import Selection, SelectionContext, Selector, register
 
@@ -183,10 +184,9 @@ class LESSSelector(Selector):
         size = max(1, int(math.floor(self.warmup_fraction * n + 0.5)))
         return sorted(int(i) for i in np.random.default_rng(seed).choice(n, size=size, replace=False))
 
-    def _device(self):
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+    def _device(self, model):
+        """`auto`: where the run's device policy put the model."""
+        return model_device(model) if self.device == "auto" else resolve_device(self.device)
 
     def gradient_rows(self, model, params, examples, checkpoint, *, adam: bool, device, progress: bool, desc: str):
         """Yield (example index, gradient row) for `examples` at one checkpoint (Adam direction if `adam`)."""
@@ -242,7 +242,7 @@ class LESSSelector(Selector):
         budget = self.budget(len(pool))
         lora, optim = self.warmup_options(ctx)
         loaded = ctx.model
-        device = self._device()
+        device = self._device(loaded.model)
         warmup = self.warmup_indices(len(pool), ctx.seed)
         key = content_hash("less/v2", loaded.identity, records_hash(pool), lora, optim, warmup, self.projection_dim,
                            PROJECTION_TILE_ROWS, ctx.seed, device.type, self.use_chat_template(ctx))
@@ -282,7 +282,8 @@ class LESSSelector(Selector):
             output_dir = Path(ctx.output_dir) / "less_warmup" if ctx.output_dir is not None else Path(scratch)
             result = finetune(loaded, [ctx.pool[i] for i in warmup], lora=lora, optim=optim,
                               trainer_options=ctx.trainer_options, output_dir=output_dir, seed=ctx.seed,
-                              save_epoch_checkpoints=True, use_chat_template=chat)
+                              save_epoch_checkpoints=True, use_chat_template=chat,
+                              gradient_checkpointing=bool(ctx.train_options.get("gradient_checkpointing")))
             model = result.model
             try:
                 model.to(device).eval()  # dropout off: each gradient is a deterministic function of the example

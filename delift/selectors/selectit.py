@@ -184,7 +184,7 @@ class SelectITSelector(Selector):
         sizes.append(model_size(loaded.model))
         names.append(loaded.name)
         for spec in self.extra_models:
-            extra = spec.load()
+            extra = spec.load(ctx.device)
             per_model.append(self.sentence_scores(self.rating_log_probs(extra, pool, ctx)))
             sizes.append(model_size(extra.model))
             names.append(extra.name)
