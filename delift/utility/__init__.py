@@ -11,7 +11,8 @@ Public API
 compute_kernel(model, tokenizer, rows, cols=None, *, template=None, engine="fast", batch_size=16,
                tile_size=64, cache_dir=None, max_length=1024, trainer_options=None,
                model_identity=None, progress=True, knn_k=8, knn_random=0, features="embedder",
-               embedder=None, ann=None, proxy=None, seed=0, details=None) -> np.ndarray | csr_matrix
+               embedder=None, ann=None, proxy=None, seed=0, details=None, shard=None,
+               num_shards=1) -> np.ndarray | csr_matrix | None
     Raw UF (float32, len(rows) x len(cols)), before normalisation; cols=None means cols = rows.
     - template: None, a UtilityTemplate, or a dict overriding its fields (record formatting
       `prompt`/`response`, the `zero_shot`/`one_shot` templates and their instructions).
@@ -34,6 +35,16 @@ compute_kernel(model, tokenizer, rows, cols=None, *, template=None, engine="fast
       killed run resumes from the finished tiles. Without cache_dir everything stays in memory.
     - trainer_options: Lightning Trainer arguments (accelerator, devices, strategy="ddp",
       num_nodes, callbacks...); tiles are spread over ranks (multi-process needs cache_dir).
+    - shard, num_shards: independent jobs (a SLURM array) share one kernel. With num_shards > 1
+      the call computes only shard `shard`'s tiles (0 <= shard < num_shards; the tile at plan
+      position p belongs to shard p % num_shards, so jobs agree without talking) into cache_dir
+      (required, on a filesystem every job sees) and returns None, writing no kernel file;
+      approximate engines build or read the candidate graph and the scored pairs first (cached
+      under a lock, the same in every job) and fit no proxy. A later call with the same arguments
+      (tile_size included) and no shard assembles the kernel from the finished tiles, computing
+      only missing ones.
+      `details` of a shard: {shard, num_shards, tiles (whole plan), shard_tiles, computed,
+      engine, approximation}. num_shards=1 (default) computes the whole kernel.
     - max_length: longer sequences lose prompt tokens from the left (one warning with a count);
       a response that alone does not fit raises DeliftInputError.
     - details: a dict filled with what the kernel cost (engine, exact pairs, zero-shot passes)

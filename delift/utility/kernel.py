@@ -37,13 +37,16 @@ def compute_kernel(model, tokenizer, rows: Sequence[Mapping], cols: Sequence[Map
                    cache_dir=None, max_length: int = 1024, trainer_options: dict | None = None,
                    model_identity: dict | None = None, progress: bool = True, knn_k: int = 8, knn_random: int = 0,
                    features: str = "embedder", embedder=None, ann: Mapping | None = None,
-                   proxy: Mapping | None = None, seed: int = 0, details: dict | None = None):
+                   proxy: Mapping | None = None, seed: int = 0, details: dict | None = None,
+                   shard: int | None = None, num_shards: int = 1):
     """The raw utility kernel UF (float32, len(rows) x len(cols)); `cols=None` means cols = rows.
 
     UF[i, j] = d(y_i | x_i) - d(y_i | demo_j, x_i): row i is the example helped, column j the
     demonstration. Exact engines return a dense array; the approximate ones (knn, proxy) a scipy
     CSR matrix. `details`, when given, is filled with what was computed (engine, exact passes, the
-    proxy's held-out error). See `delift.utility` for the engines, the cache and the approximations.
+    proxy's held-out error). With `num_shards` > 1, only shard `shard`'s tiles are computed into
+    the cache and None is returned; a later call without a shard assembles the kernel. See
+    `delift.utility` for the engines, the cache, the shards and the approximations.
     """
     if engine not in KERNEL_ENGINES:
         raise DeliftInputError(f"unknown engine {engine!r}; choose one of {list(KERNEL_ENGINES)}",
@@ -51,6 +54,7 @@ def compute_kernel(model, tokenizer, rows: Sequence[Mapping], cols: Sequence[Map
     batch_size = _positive_int(batch_size, "kernel.batch_size")
     tile_size = _positive_int(tile_size, "kernel.tile_size")
     max_length = _positive_int(max_length, "kernel.max_length")
+    shard = _shard(shard, num_shards, cache_dir)
     approximate = engine not in EXACT_ENGINES
     if approximate:
         knn_k = _positive_int(knn_k, "kernel.knn_k")
@@ -89,16 +93,31 @@ def compute_kernel(model, tokenizer, rows: Sequence[Mapping], cols: Sequence[Map
             tile_size=tile_size, max_length=max_length, folder=folder, trainer_options=trainer_options,
             progress=progress, knn_k=knn_k, knn_random=knn_random, features=features, embedder=embedder,
             ann=approximation["ann"], proxy=proxy, seed=seed, model_identity=model_identity, cache_dir=cache_dir,
-            key_parts=parts, on_start=log_plan)
-        if details is not None:
-            details.update(computed)
-        return kernel
+            key_parts=parts, on_start=log_plan, shard=shard)
+    else:
+        kernel, computed = _exact_kernel(model, tokenizer, rows, cols, shape, template=template, engine=engine,
+                                         batch_size=batch_size, tile_size=tile_size, max_length=max_length,
+                                         folder=folder, trainer_options=trainer_options, progress=progress,
+                                         on_start=log_plan, shard=shard)
     if details is not None:
-        details.update({"engine": engine, "approximation": False, "exact_pairs": shape[0] * shape[1],
-                        "zero_shot_passes": shape[0], "all_pairs": shape[0] * shape[1]})
-    return _exact_kernel(model, tokenizer, rows, cols, shape, template=template, engine=engine, batch_size=batch_size,
-                         tile_size=tile_size, max_length=max_length, folder=folder, trainer_options=trainer_options,
-                         progress=progress, on_start=log_plan)
+        details.update(computed)
+    return kernel
+
+
+def _shard(shard, num_shards, cache_dir) -> tuple[int, int] | None:
+    """(shard, num_shards) when the call computes one shard of the kernel, None for the whole kernel."""
+    num_shards = _positive_int(num_shards, "kernel.num_shards")
+    if shard is None and num_shards == 1:
+        return None
+    if isinstance(shard, bool) or not isinstance(shard, (int, np.integer)) or not 0 <= shard < num_shards:
+        raise DeliftInputError(f"must be an integer in [0, {num_shards}) with kernel.num_shards={num_shards}, "
+                               f"got {shard!r}", field="kernel.shard")
+    if num_shards == 1:
+        return None
+    if cache_dir is None:
+        raise DeliftInputError("shards meet in the kernel cache (on a filesystem every job sees): set a cache_dir",
+                               field="kernel.num_shards")
+    return int(shard), num_shards
 
 
 # The kernel options a plan depends on (kernel_plan's keywords).
@@ -137,21 +156,26 @@ def _proxy_options(proxy: Mapping | None) -> dict:
 
 
 def _exact_kernel(model, tokenizer, rows, cols, shape, *, template, engine, batch_size, tile_size, max_length, folder,
-                  trainer_options, progress, on_start) -> np.ndarray:
-    if folder is not None and (folder / KERNEL_FILE).exists():
+                  trainer_options, progress, on_start, shard) -> tuple[np.ndarray | None, dict]:
+    """(UF, details); a shard returns (None, its tile counts) and leaves the kernel to the assembling run."""
+    costs = {"engine": engine, "approximation": False}
+    whole = costs | {"exact_pairs": shape[0] * shape[1], "zero_shot_passes": shape[0], "all_pairs": shape[0] * shape[1]}
+    if shard is None and folder is not None and (folder / KERNEL_FILE).exists():
         try:
-            return load_npy(folder / KERNEL_FILE, shape=shape, dtype=np.float32)
+            return load_npy(folder / KERNEL_FILE, shape=shape, dtype=np.float32), whole
         except UnreadableCacheFile:
             pass  # a half-written kernel is rebuilt from its tiles
     inputs = UtilityInputs(tokenizer, rows, cols, template, max_length)
     inputs.warn_truncation()
-    values, is_main = run_tiles(model, inputs, plan_tiles(*shape, tile_size), engine=engine, batch_size=batch_size,
-                                folder=folder, trainer_options=trainer_options, progress=progress, on_start=on_start)
-    kernel = assemble_kernel(values, *shape)
-    if folder is not None and is_main:
+    run = run_tiles(model, inputs, plan_tiles(*shape, tile_size), engine=engine, batch_size=batch_size, folder=folder,
+                    trainer_options=trainer_options, progress=progress, on_start=on_start, shard=shard)
+    if shard is not None:
+        return None, run.shard_details(shard) | costs
+    kernel = assemble_kernel(run.values, *shape)
+    if folder is not None and run.is_main:
         with file_lock(folder / KERNEL_FILE):
             save_npy(folder / KERNEL_FILE, kernel)
-    return kernel
+    return kernel, whole
 
 
 def normalize_kernel(kernel: np.ndarray | sp.csr_matrix) -> np.ndarray | sp.csr_matrix:

@@ -4,13 +4,19 @@ The dataset is the list of tiles still missing; Lightning's distributed sampler 
 its share, so `devices=N, strategy="ddp", num_nodes=M` spread the tiles with no code change
 (ranks exchange tiles through the cache folder, which must then be on a shared filesystem).
 Each finished tile is written atomically as soon as it is done.
+
+Independent jobs (a SLURM array) split a kernel by `shard=(i, n)`: job i computes the tiles at
+plan positions p with p % n == i into the shared folder, so jobs agree without talking to each
+other; a later unsharded run assembles the kernel from the finished tiles.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 import numpy as np
@@ -18,13 +24,16 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from delift.cache import save_npy
+from delift.devices import kept_in_place, model_device, trainer_arguments
 from delift.errors import DeliftInputError
 from delift.utility.engine import check_output_head, one_shot_distances, zero_shot_distances
 from delift.utility.formatting import UtilityInputs
-from delift.utility.tiles import PairTile, Tile, read_tile
+from delift.utility.tiles import PairTile, Tile, read_tile, shard_tiles
+
+log = logging.getLogger(__name__)
 
 # Lightning's own logger, checkpoints, progress bar and summary have nothing to do in a predict run.
-TRAINER_DEFAULTS = {"accelerator": "auto", "devices": 1, "logger": False, "enable_checkpointing": False,
+TRAINER_DEFAULTS = {"devices": 1, "logger": False, "enable_checkpointing": False,
                     "enable_progress_bar": False, "enable_model_summary": False}
 
 
@@ -140,36 +149,54 @@ class PairProgressBar(L.Callback):
         pl_module.on_scored = None
 
 
-def make_trainer(trainer_options: dict | None, callbacks: list) -> L.Trainer:
-    options = TRAINER_DEFAULTS | dict(trainer_options or {})
+def make_trainer(trainer_options: dict | None, callbacks: list, device) -> L.Trainer:
+    """A predict Trainer for a model on `device` (the model runs in its own dtype: no precision plugin)."""
+    options = TRAINER_DEFAULTS | trainer_arguments(trainer_options, device, inference=True)
     options["callbacks"] = list(options.get("callbacks") or []) + callbacks
     return L.Trainer(**options)
 
 
+class TileRun(NamedTuple):
+    values: dict[Tile | PairTile, np.ndarray]  # every tile of the plan, or of the shard
+    planned: int  # tiles in the whole plan
+    computed: int  # tiles this call computed (over all ranks)
+    is_main: bool  # this process is rank 0
+
+    def shard_details(self, shard: tuple[int, int]) -> dict:
+        return {"shard": shard[0], "num_shards": shard[1], "tiles": self.planned, "shard_tiles": len(self.values),
+                "computed": self.computed}
+
+
 def run_tiles(model, inputs: UtilityInputs, tiles: list[Tile | PairTile], *, engine: str, batch_size: int, folder,
               trainer_options: dict | None, progress: bool, pairs: tuple[np.ndarray, np.ndarray] | None = None,
-              on_start=None) -> tuple[dict[Tile | PairTile, np.ndarray], bool]:
+              on_start=None, shard: tuple[int, int] | None = None) -> TileRun:
     """Every tile's values: finished ones read from `folder`, the missing ones computed (and written
-    there) through Trainer.predict; `on_start()` runs first when anything is missing. Also whether
-    this process is rank 0."""
+    there) through Trainer.predict; `on_start()` runs first when anything is missing. With
+    `shard=(i, n)`, only shard i's tiles (see `shard_tiles`)."""
+    planned = len(tiles)
+    tiles = shard_tiles(tiles, shard)
     values = {}
     if folder is not None:
         values = {tile: array for tile in tiles if (array := read_tile(folder, tile)) is not None}
     missing = [tile for tile in tiles if tile not in values]
+    if shard is not None:
+        log.info("Kernel shard %d/%d: %d of %d tiles, %d to compute", *shard, len(tiles), planned, len(missing))
     if not missing:
-        return values, True
+        return TileRun(values, planned, 0, True)
     if on_start is not None:
         on_start()
     module = UtilityKernelModule(model, inputs, missing, engine=engine, batch_size=batch_size, pairs=pairs,
                                  folder=folder)
-    trainer = make_trainer(trainer_options, [PairProgressBar(sum(t.passes() for t in missing), progress)])
-    values |= predict_tiles(trainer, module)
+    trainer = make_trainer(trainer_options, [PairProgressBar(sum(t.passes() for t in missing), progress)],
+                           model_device(model))
+    with kept_in_place(model):
+        values |= predict_tiles(trainer, module)
     if folder is not None:
         for tile in missing:
             values[tile] = read_tile(folder, tile)
             if values[tile] is None:
                 raise DeliftInputError("a finished tile is missing or unreadable", file=folder / tile.file_name)
-    return values, trainer.global_rank == 0
+    return TileRun(values, planned, len(missing), trainer.global_rank == 0)
 
 
 def predict_tiles(trainer: L.Trainer, module: UtilityKernelModule) -> dict[Tile | PairTile, np.ndarray]:

@@ -28,7 +28,7 @@ from delift.cache import UnreadableCacheFile, file_lock, load_npy, save_json, sa
 from delift.errors import DeliftInputError
 from delift.utility.formatting import UtilityInputs
 from delift.utility.graph import ANN_DEFAULTS, CandidateGraph, candidate_graph, random_columns, record_vectors
-from delift.utility.lightning import run_tiles
+from delift.utility.lightning import TileRun, run_tiles
 from delift.utility.plan import sampled_row_count
 from delift.utility.tiles import plan_pair_tiles, plan_tiles
 
@@ -99,36 +99,41 @@ def proxy_sample(graph: CandidateGraph, sample: dict, seed: int) -> tuple[np.nda
 
 def score_pairs(model, tokenizer, rows, cols, pair_rows: np.ndarray, pair_cols: np.ndarray, *, template,
                 engine: str, batch_size: int, tile_size: int, max_length: int, folder, trainer_options,
-                progress: bool) -> np.ndarray:
+                progress: bool, shard: tuple[int, int] | None = None) -> tuple[np.ndarray | None, TileRun]:
     """Exact UF of the listed (row, column) pairs, resumable by tiles: zero-shot tiles over the rows
-    involved, one tile per column span holding all of its pairs."""
+    involved, one tile per column span holding all of its pairs; and the tile run. A `shard` only
+    computes its tiles into `folder` (UF None)."""
     used_rows, local_rows = np.unique(pair_rows, return_inverse=True)
     used_cols, local_cols = np.unique(pair_cols, return_inverse=True)
     inputs = UtilityInputs(tokenizer, [rows[i] for i in used_rows], [cols[j] for j in used_cols], template,
                            max_length)
     inputs.warn_truncation(pairs=(local_rows, local_cols))
     tiles = plan_tiles(len(used_rows), 0, tile_size) + plan_pair_tiles(local_cols, len(used_cols), tile_size)
-    values, _ = run_tiles(model, inputs, tiles, engine=engine, batch_size=batch_size, folder=folder,
-                          trainer_options=trainer_options, progress=progress, pairs=(local_rows, local_cols))
+    run = run_tiles(model, inputs, tiles, engine=engine, batch_size=batch_size, folder=folder,
+                    trainer_options=trainer_options, progress=progress, pairs=(local_rows, local_cols), shard=shard)
+    if shard is not None:
+        return None, run
     zero_shot = np.zeros(len(used_rows), dtype=np.float32)
     one_shot = np.zeros(len(pair_rows), dtype=np.float32)
-    for tile, array in values.items():
+    for tile, array in run.values.items():
         if hasattr(tile, "positions"):
             one_shot[np.asarray(tile.positions)] = array
         else:
             zero_shot[slice(*tile.rows)] = array
-    return zero_shot[local_rows] - one_shot
+    return zero_shot[local_rows] - one_shot, run
 
 
 def compute_sparse_kernel(model, tokenizer, rows, cols, *, engine: str, template, batch_size: int, tile_size: int,
                           max_length: int, folder, trainer_options, progress: bool, knn_k: int, knn_random: int,
                           features: str, embedder, ann: dict, proxy: dict, seed: int, model_identity,
-                          cache_dir, key_parts: dict | None, on_start=None) -> tuple[sp.csr_matrix, dict]:
+                          cache_dir, key_parts: dict | None, on_start=None,
+                          shard: tuple[int, int] | None = None) -> tuple[sp.csr_matrix | None, dict]:
     """(UF as CSR float32, details for results.json); see the module docstring. `on_start()` runs
-    once real work begins (the caller logs the plan and estimate there)."""
+    once real work begins (the caller logs the plan and estimate there). A `shard` builds (or reads)
+    the graph and the pairs as the whole run would, scores only its tiles and returns (None, its
+    tile counts)."""
     shape = (len(rows), len(cols))
-    finished = load_sparse_kernel(folder, shape)
-    if finished is not None:
+    if shard is None and (finished := load_sparse_kernel(folder, shape)) is not None:
         return finished
     if on_start is not None:
         on_start()
@@ -148,9 +153,11 @@ def compute_sparse_kernel(model, tokenizer, rows, cols, *, engine: str, template
         pair_cols = _cached(folder, "scored_cols.npy",
                             lambda: sampled.setdefault("pairs", proxy_sample(graph, proxy["sample"], seed))[1])
     # The listed pairs are scored by the fast exact engine (its numbers are the naive oracle's).
-    exact = score_pairs(model, tokenizer, rows, cols, pair_rows, pair_cols, template=template, engine="fast",
-                        batch_size=batch_size, tile_size=tile_size, max_length=max_length, folder=folder,
-                        trainer_options=trainer_options, progress=progress)
+    exact, scored = score_pairs(model, tokenizer, rows, cols, pair_rows, pair_cols, template=template, engine="fast",
+                                batch_size=batch_size, tile_size=tile_size, max_length=max_length, folder=folder,
+                                trainer_options=trainer_options, progress=progress, shard=shard)
+    if shard is not None:  # the run that assembles the kernel fits the proxy
+        return None, scored.shard_details(shard) | {"engine": engine, "approximation": True}
     details = {"engine": engine, "approximation": True, "knn_k": knn_k, "knn_random": knn_random,
                "features": features, "exact_pairs": int(len(pair_rows)),
                "zero_shot_passes": int(len(np.unique(pair_rows))), "all_pairs": shape[0] * shape[1],

@@ -99,6 +99,16 @@ def plan_tiles(n_rows: int, n_cols: int, tile_size: int) -> list[Tile]:
     return [Tile(r) for r in row_blocks] + [Tile(r, c) for r in row_blocks for c in col_blocks]
 
 
+def shard_tiles(tiles: list, shard: tuple[int, int] | None) -> list:
+    """Shard i of n (None: all tiles): the tiles at plan positions p with p % n == i. Every job
+    derives the same plan, so jobs agree on their shares without talking; interleaving gives each
+    shard zero-shot and one-shot tiles alike."""
+    if shard is None:
+        return tiles
+    index, count = shard
+    return tiles[index::count]
+
+
 def read_tile(folder: Path, tile: Tile | PairTile) -> np.ndarray | None:
     """The finished tile, or None when it is missing or half-written (then it is recomputed).
 
