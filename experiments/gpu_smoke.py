@@ -1,0 +1,213 @@
+"""GPU smoke test: every stage with delift, random, selectit and less, on the tiny models and SmolLM2, on CUDA.
+
+    python experiments/gpu_smoke.py                      # everything (minutes on one GPU)
+    python experiments/gpu_smoke.py --models tiny_qwen2  # one model
+
+After every step that uses the model (the kernel's Trainer.predict, fine-tuning's Trainer.fit, SelectIT's
+ratings, LESS's warm-up, generation) it asserts that every parameter of the model is on the GPU: the
+device policy (delift.devices) puts the model back after Lightning's teardown moved it to CPU. It also
+checks that the fast and naive kernels agree within the model dtype's rounding, and that a Phi-3 style
+tokenizer (turns end in <|end|>, EOS <|endoftext|>) stops generation at its end-of-turn token.
+Where CUDA is absent it says so and exits 0. Exit status 1 if any check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE = "cuda"
+sys.path.insert(0, str(ROOT))
+
+STAGES = {"instruction": [], "task": ["stage.sizes.pool.trivia=20", "stage.sizes.pool.gsm8k=4"],
+          "continual": ["stage.sizes.pool.mmlu=56", "stage.sizes.existing.trivia=10"]}
+SELECTORS = {"delift": [], "random": [], "selectit": [],
+             "less": ["selector.projection_dim=256", "selector.warmup_epochs=1"]}
+FAST = ["trainer.max_steps=2", "eval.max_new_tokens=8", "logger=csv", "progress=false"]
+# Largest |fast - naive| each dtype's rounding allows on a utility (differences of probabilities).
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}
+PHI3_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %}{{'<|user|>\n' + message['content'] "
+                 "+ '<|end|>\n'}}{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] "
+                 "+ '<|end|>\n'}}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}"
+                 "{% else %}{{ eos_token }}{% endif %}")
+
+
+def on_gpu(model) -> bool:
+    return all(p.device.type == "cuda" for p in model.parameters())
+
+
+class DeviceWatch:
+    """Wraps the pipeline's model-using steps: after each (and before generation) the model must be on the GPU."""
+
+    def __init__(self):
+        self.checked: list[str] = []
+        self.patches = []
+
+    def wrap(self, module, name: str, model_of, when: str = "after"):
+        original = getattr(module, name)
+
+        def wrapped(*args, **kwargs):
+            if when == "before":
+                self.check(f"{module.__name__}.{name} (before)", model_of(args, kwargs))
+            out = original(*args, **kwargs)
+            if when == "after":
+                self.check(f"{module.__name__}.{name}", model_of(args, kwargs))
+            return out
+
+        setattr(module, name, wrapped)
+        self.patches.append((module, name, original))
+
+    def check(self, step: str, model) -> None:
+        if not on_gpu(model):
+            devices = sorted({str(p.device) for p in model.parameters()})
+            raise AssertionError(f"after {step} the model's parameters are on {devices}, not the GPU")
+        self.checked.append(step)
+
+    def __enter__(self):
+        import delift.evaluation
+        import delift.pipeline
+        import delift.selectors.selectit
+        import delift.training
+        import delift.utility.kernel
+        import delift.utility.sparse
+
+        first = lambda args, kwargs: args[0]  # noqa: E731 - the model is every wrapped function's first argument
+        loaded_model = lambda args, kwargs: args[0].model  # noqa: E731 - finetune takes the LoadedModel
+        self.wrap(delift.utility.kernel, "run_tiles", first)
+        self.wrap(delift.utility.sparse, "run_tiles", first)
+        self.wrap(delift.pipeline, "finetune", loaded_model)
+        self.wrap(delift.training, "finetune", loaded_model)  # LESS's warm-up imports it from here
+        self.wrap(delift.selectors.selectit, "next_token_log_probs", first)
+        self.wrap(delift.evaluation, "generate", first, when="before")
+        return self
+
+    def __exit__(self, *exc):
+        for module, name, original in reversed(self.patches):
+            setattr(module, name, original)
+
+
+def compose(overrides: list[str], output_dir: Path, cache_dir: str):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.cache_dir = cache_dir
+        del cfg["hydra"]
+    return cfg
+
+
+def pipeline_checks(models: list[str], cache_dir: str, scratch: Path) -> list[tuple[str, bool, str]]:
+    from delift.pipeline import run
+
+    outcomes = []
+    for model in models:
+        for stage, stage_options in STAGES.items():
+            for selector, selector_options in SELECTORS.items():
+                name = f"pipeline {model} {stage} {selector}"
+                started = time.perf_counter()
+                try:
+                    cfg = compose([f"model={model}", f"stage={stage}", f"selector={selector}", f"device={DEVICE}", *FAST,
+                                   *stage_options, *selector_options], scratch / name.replace(" ", "_"), cache_dir)
+                    with DeviceWatch() as watch:
+                        results = run(cfg)
+                    detail = (f"{len(watch.checked)} device checks, rouge1 {results['metrics'].get('rouge1', 0):.3f}, "
+                              f"{time.perf_counter() - started:.0f} s")
+                    outcomes.append((name, True, detail))
+                except Exception as err:  # noqa: BLE001 - report every failure, then exit 1
+                    traceback.print_exc()
+                    outcomes.append((name, False, f"{type(err).__name__}: {err}"))
+                print(f"{'ok ' if outcomes[-1][1] else 'FAIL'} {name}: {outcomes[-1][2]}", flush=True)
+    return outcomes
+
+
+def kernel_checks(models: list[str], cache_dir: str) -> list[tuple[str, bool, str]]:
+    from hydra.utils import instantiate
+
+    from delift.data.packaged import mixed_sample
+    from delift.utility import compute_kernel
+
+    records = mixed_sample(12, 0)
+    outcomes = []
+    for model in models:
+        name = f"fast == naive kernel {model}"
+        try:
+            loaded = instantiate(compose([f"model={model}"], Path(cache_dir), cache_dir).model).load(DEVICE)
+            dtype = next(loaded.model.parameters()).dtype
+            kernels = {engine: compute_kernel(loaded.model, loaded.tokenizer, records, engine=engine, progress=False)
+                       for engine in ("fast", "naive")}
+            assert on_gpu(loaded.model), "the model left the GPU after the kernel"
+            gap = float(abs(kernels["fast"] - kernels["naive"]).max())
+            ok = gap <= TOLERANCE.get(dtype, 1e-4)
+            outcomes.append((name, ok, f"max |fast - naive| = {gap:.2e} ({dtype}, allowed {TOLERANCE.get(dtype, 1e-4)})"))
+        except Exception as err:  # noqa: BLE001
+            traceback.print_exc()
+            outcomes.append((name, False, f"{type(err).__name__}: {err}"))
+        print(f"{'ok ' if outcomes[-1][1] else 'FAIL'} {name}: {outcomes[-1][2]}", flush=True)
+    return outcomes
+
+
+def stop_check(cache_dir: str) -> tuple[str, bool, str]:
+    """A Phi-3 style tokenizer on the tiny model, biased to say one word then <|end|>: generation must stop there."""
+    from hydra.utils import instantiate
+
+    from delift.generation import generate, stop_token_ids
+
+    name = "Phi-3 style stop at <|end|>"
+    try:
+        loaded = instantiate(compose(["model=tiny_qwen2"], Path(cache_dir), cache_dir).model).load(DEVICE)
+        tokenizer = copy.deepcopy(loaded.tokenizer)
+        tokenizer.add_special_tokens({"eos_token": "<|endoftext|>",
+                                      "additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>"]})
+        tokenizer.chat_template = PHI3_TEMPLATE
+        model = loaded.model
+        model.resize_token_embeddings(len(tokenizer))
+        word, end = tokenizer.convert_tokens_to_ids("Paris"), tokenizer.convert_tokens_to_ids("<|end|>")
+        model.generation_config.sequence_bias = {(word,): 50.0, (word, end): 100.0}
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Capital of France?"}], tokenize=False,
+                                               add_generation_prompt=True)
+        out = generate(model, tokenizer, [prompt], max_new_tokens=12, progress=False)
+        ok = out == ["Paris"] and end in stop_token_ids(model, tokenizer) and on_gpu(model)
+        return name, ok, f"generated {out!r}, stop ids {stop_token_ids(model, tokenizer)}"
+    except Exception as err:  # noqa: BLE001
+        traceback.print_exc()
+        return name, False, f"{type(err).__name__}: {err}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", default=["tiny_qwen2", "tiny_phi3", "smollm2"])
+    parser.add_argument("--cache-dir", default=None, help="default: a fresh temporary folder (converted models too)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_smoke: CUDA is not available on this machine; nothing was run.")
+        return 0
+    print(f"gpu_smoke on {torch.cuda.get_device_name()} (torch {torch.__version__})", flush=True)
+    with tempfile.TemporaryDirectory(prefix="delift-gpu-smoke-") as scratch:
+        cache_dir = args.cache_dir or str(Path(scratch) / "cache")
+        outcomes = [stop_check(cache_dir)]
+        print(f"{'ok ' if outcomes[0][1] else 'FAIL'} {outcomes[0][0]}: {outcomes[0][2]}", flush=True)
+        outcomes += kernel_checks(args.models, cache_dir)
+        outcomes += pipeline_checks(args.models, cache_dir, Path(scratch))
+    failed = [name for name, ok, _ in outcomes if not ok]
+    print(f"\n{len(outcomes) - len(failed)} of {len(outcomes)} checks passed" + (f"; failed: {failed}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
