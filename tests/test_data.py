@@ -164,7 +164,7 @@ def test_hub_mmlu_all_and_auxiliary_train(tmp_path):
                                 "B. The first and second pharyngeal arches\nC. The second pharyngeal arch\n"
                                 "D. The second and third pharyngeal arches")
     assert anatomy["output"] == "D. The second and third pharyngeal arches"
-    assert anatomy["meta"] == {"answer": "D", "answer_type": "choice", "subject": "anatomy"}
+    assert anatomy["meta"] == {"answer": "D", "answer_type": "choice", "subject": "anatomy", "subtask": "anatomy"}
     assert (astronomy["id"], astronomy["output"], astronomy["meta"]["answer"]) == ("mmlu/1", "B. Mars", "B")
 
     (aux,) = hub_records(tmp_path, hub.MMLU_AUXILIARY_TRAIN, "mmlu", file_name="mmlu_aux")
@@ -213,7 +213,8 @@ def test_packaged_mmlu():
     records = load_mmlu_offline()
     assert len(records) == 14042  # 14,044 lines minus the 2 header-like rows
     assert all(r["meta"]["answer"] in "ABCD" and r["output"].startswith(r["meta"]["answer"] + ". ") for r in records)
-    assert records[0]["meta"] == {"answer": "D", "answer_type": "choice", "subject": "moral scenarios"}
+    assert records[0]["meta"] == {"answer": "D", "answer_type": "choice", "subject": "moral scenarios",
+                                  "subtask": "moral scenarios"}
     assert not any(r["input"].startswith("question\n") for r in records)
     assert len(load_mmlu_offline(limit=5)) == 5
 

@@ -1,6 +1,12 @@
 """Data: user files, the paper's hub datasets, offline packaged benchmarks, and the stage builder.
 
 Every loader returns validated records {id, instruction, input, output, source, meta}.
+
+`meta.subtask` is the one field that names a record's subtask within a dataset made of subtasks
+(LESS averages over each subtask's target examples, then takes the best subtask): MMLU's subject,
+GPQA's subdomain, MT-Bench's category, the trivia list. It is absent where a dataset has no
+subtasks (GSM8K, SQuAD, HotpotQA, MixInstruct, P3) or a row names none (MMLU `auxiliary_train`).
+A user file sets it in its own `meta`.
 """
 
 from delift.data.files import load_file

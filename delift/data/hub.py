@@ -28,6 +28,24 @@ SQUAD_INSTRUCTION = "Answer the question with a short span copied from the passa
 CALCULATOR_ANNOTATION = re.compile(r"<<[^>]*>>")
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
+# MT-Bench's categories, ten questions each, in question-id order from 81 (FastChat's question.jsonl);
+# the judgments dataset carries only the question id.
+MTBENCH_FIRST_ID = 81
+MTBENCH_CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
+
+
+def with_subtask(meta: dict, subtask) -> dict:
+    """`meta` with the grouping field `subtask` (see delift.data) when the row names one."""
+    return {**meta, "subtask": str(subtask)} if subtask else meta
+
+
+def mtbench_category(question_id) -> str:
+    """The category of an MT-Bench question id, "" outside 81..160."""
+    if not isinstance(question_id, int) or isinstance(question_id, bool):
+        return ""
+    block = (question_id - MTBENCH_FIRST_ID) // 10
+    return MTBENCH_CATEGORIES[block] if 0 <= block < len(MTBENCH_CATEGORIES) else ""
+
 
 def _text(row: Mapping, key: str, record, *, allow_empty: bool = True) -> str:
     value = row.get(key)
@@ -83,7 +101,8 @@ def hotpotqa_record(row: Mapping, index: int) -> dict:
 
 
 def mmlu_record(row: Mapping, index: int) -> dict:
-    """cais/mmlu: question + lettered choices; output "B. <choice>"; meta answer = the letter.
+    """cais/mmlu: question + lettered choices; output "B. <choice>"; meta answer = the letter,
+    subject and subtask = the row's subject.
 
     `auxiliary_train` rows of the config of that name are wrapped in a `train` struct: unwrapped here.
     """
@@ -98,7 +117,9 @@ def mmlu_record(row: Mapping, index: int) -> dict:
     if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
         raise DeliftInputError(f"must be a choice index 0..{len(choices) - 1}, got {answer!r}", record=rid,
                                field="answer")
-    return choice_record(rid, question, choices, answer, source="mmlu", meta={"subject": row.get("subject") or ""})
+    subject = row.get("subject") or ""
+    return choice_record(rid, question, choices, answer, source="mmlu",
+                         meta=with_subtask({"subject": subject}, subject))
 
 
 def choice_record(rid: str, question: str, choices: list[str], answer: int, *, source: str, meta: dict) -> dict:
@@ -141,6 +162,7 @@ def mtbench_record(row: Mapping, index: int, reference_model: str = "gpt-4") -> 
 
     Rows are pairwise judgments, so a question appears many times; rows of later turns or without
     the reference model hold no record (None), and `load_hub(..., unique_by_id=True)` keeps one per id.
+    meta subtask = the question's category.
     """
     if row.get("turn") != 1:
         return None
@@ -150,9 +172,9 @@ def mtbench_record(row: Mapping, index: int, reference_model: str = "gpt-4") -> 
             rid = f"mtbench/{row.get('question_id')}"
             if len(conversation) < 2:
                 raise DeliftInputError("has fewer than two messages", record=rid, field=f"conversation_{side}")
+            meta = {"question_id": row.get("question_id"), "reference_model": reference_model}
             return make_record(rid, "", _text(conversation[0], "content", rid), _text(conversation[1], "content", rid),
-                               source="mt_bench", meta={"question_id": row.get("question_id"),
-                                                        "reference_model": reference_model})
+                               source="mt_bench", meta=with_subtask(meta, mtbench_category(row.get("question_id"))))
     return None
 
 

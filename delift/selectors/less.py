@@ -4,14 +4,19 @@
    epochs, saving per epoch the adapter, the Adam moments (by parameter name) and the epoch's
    mean learning rate (delift.training.finetune does the training).
 2. Per checkpoint, per example, the gradient of the response-token loss w.r.t. the LoRA weights.
-   Pool examples get Adam's update direction: with (m, v) from the checkpoint,
-   m' = b1 m + (1 - b1) g, v' = b2 v + (1 - b2) g^2, feature = m' / (sqrt(v') + eps).
-   Target examples keep the plain gradient (what an SGD step on them would follow).
+   Pool examples get Adam's update direction as LESS computes it (collect_grad_reps.py,
+   obtain_gradients_with_adam): with (m, v) from the checkpoint, m' = b1 m + (1 - b1) g,
+   v' = b2 v + (1 - b2) g^2, feature = m' / sqrt(v' + eps), eps inside the root and no bias
+   correction. LESS hard-codes b1 0.9, b2 0.999, eps 1e-8; we read the warm-up optimizer's own,
+   which are those (torch's AdamW defaults). Target examples keep the plain gradient (what an SGD
+   step on them would follow).
 3. One seeded Rademacher projection (entries +-1/sqrt(d)) to d dimensions, shared by every
    gradient, then L2 normalisation.
 4. score(pool i) = max over target subtasks s of sum over checkpoints e of
    w_e * mean_{q in s} cos(pool_i^e, target_q^e), with w_e the epoch's mean learning rate
-   renormalised to sum to 1. Subtask = `meta.subtask`, else `source`. The top fraction is kept.
+   renormalised to sum to 1. A target's subtask is its `meta.subtask` (set by the loaders: MMLU's
+   subject, GPQA's subdomain, ...; see delift.data), else its `source`, as LESS's matching.py
+   averages over each MMLU subject's targets, then takes the best subject. The top fraction is kept.
 
 The projection is generated tile by tile (PROJECTION_TILE_ROWS gradient coordinates at a time, each
 tile from its own seed), so the D x d matrix never exists in memory and the same seed always gives
@@ -74,11 +79,12 @@ def project(vectors: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
 
 def adam_preconditioned(grads: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                         betas, eps: float) -> torch.Tensor:
-    """Adam's update direction for gradients `grads` (rows) from the moments of a checkpoint."""
+    """Adam's update direction for gradients `grads` (rows) from the moments of a checkpoint, as LESS
+    writes it: eps under the square root, moments not bias-corrected."""
     beta1, beta2 = betas
     m = beta1 * exp_avg + (1.0 - beta1) * grads
     v = beta2 * exp_avg_sq + (1.0 - beta2) * grads.square()
-    return m / (v.sqrt() + eps)
+    return m / (v + eps).sqrt()
 
 
 def lr_weights(epoch_lrs) -> np.ndarray:
@@ -91,7 +97,15 @@ def lr_weights(epoch_lrs) -> np.ndarray:
 
 
 def target_subtasks(target: list[dict]) -> list[str]:
-    return [str((rec.get("meta") or {}).get("subtask") or rec.get("source") or "") for rec in target]
+    """Each target's group: `<source>/<meta.subtask>`, or its source when the dataset has no subtasks.
+
+    The source is part of the name so that two datasets' subtasks never merge.
+    """
+    groups = []
+    for rec in target:
+        source, subtask = str(rec.get("source") or ""), (rec.get("meta") or {}).get("subtask")
+        groups.append(f"{source}/{subtask}" if subtask else source)
+    return groups
 
 
 def less_scores(pool_features, target_features, weights, subtasks) -> np.ndarray:
@@ -244,7 +258,7 @@ class LESSSelector(Selector):
         loaded = ctx.model
         device = self._device(loaded.model)
         warmup = self.warmup_indices(len(pool), ctx.seed)
-        key = content_hash("less/v2", loaded.identity, records_hash(pool), lora, optim, warmup, self.projection_dim,
+        key = content_hash("less/v3", loaded.identity, records_hash(pool), lora, optim, warmup, self.projection_dim,
                            PROJECTION_TILE_ROWS, ctx.seed, device.type, self.use_chat_template(ctx))
         target_key = records_hash(target)[:16]
         folder = cache_folder(ctx.cache_dir, "less", key) if ctx.cache_dir is not None else None
