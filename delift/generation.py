@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from delift.errors import DeliftInputError
+
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, attention_mask), left-padded so that every sequence ends in the last column."""
@@ -104,3 +106,26 @@ def next_token_log_probs(model, tokenizer, sequences: list[list[int]], token_ids
                        position_ids=positions.to(device), logits_to_keep=1).logits[:, -1, :]
         out[batch] = torch.log_softmax(logits.double(), dim=-1)[:, ids.to(device)].cpu().numpy()
     return out
+
+
+# The rating scale of SelectIT and of the Prometheus judge: each score is read as one next token.
+SCORE_TOKENS = ("1", "2", "3", "4", "5")
+
+
+def score_token_ids(tokenizer) -> list[int]:
+    """The vocabulary ids of "1".."5", each checked to be a single token.
+
+    SentencePiece tokenizers may encode a lone digit as (word-start marker, digit): the marker
+    alone decodes to nothing and is dropped.
+    """
+    ids = []
+    for digit in SCORE_TOKENS:
+        pieces = tokenizer.encode(digit, add_special_tokens=False)
+        pieces = [p for p in pieces if tokenizer.decode([p]).strip()] if len(pieces) > 1 else pieces
+        if len(pieces) != 1 or tokenizer.decode(pieces).strip() != digit:
+            raise DeliftInputError(f"the score token {digit!r} is not a single token for this tokenizer "
+                                   f"(encodes to {pieces})", field="model.tokenizer")
+        ids.append(pieces[0])
+    if len(set(ids)) != len(ids):
+        raise DeliftInputError(f"score tokens map to repeated ids {ids}", field="model.tokenizer")
+    return ids
