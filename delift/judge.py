@@ -3,8 +3,9 @@
 The judge reads the instruction (record instruction + input), the prediction, the reference
 answer (the record's output, worth a 5) and a rubric, writes feedback, then `[RESULT] N`.
 Two scores per example:
-- `laj`: N parsed from the feedback (None when it cannot be parsed; failures are counted,
-  never replaced by a number);
+- `laj`: N parsed from the end of the feedback as prometheus-eval parses it; an output without one
+  is written again (sampled, up to `parse_retries` times, as prometheus-eval retries), and one that
+  still has none is counted, never replaced by a number;
 - `laj_weighted`: sum_k k * p_k over the judge's next-token distribution right after
   `[RESULT] `, renormalised over the score tokens "1".."5" (defined for every example).
 
@@ -13,6 +14,7 @@ The prompt is the judge's interface, so it follows prometheus-eval's absolute-gr
 SCORE_RUBRIC_TEMPLATE; rule 3 as in the prometheus-7b-v2.0 model card, with `Feedback: `), sent as
 one user message: system prompt + "\\n\\n" + filled template. The paper's judge is
 prometheus-eval/prometheus-7b-v2.0; any other model is a stand-in and is marked as such.
+The rubric is ours (DEFAULT_RUBRIC), the paper's (`rubric: reference`) or any custom text.
 """
 
 from __future__ import annotations
@@ -26,10 +28,9 @@ import numpy as np
 import torch
 
 from delift.errors import DeliftInputError
-from delift.generation import generate, next_token_log_probs
+from delift.generation import generate, next_token_log_probs, score_token_ids
 from delift.models import LoadedModel
 from delift.records import record_prompt
-from delift.selectors.selectit import score_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -93,29 +94,76 @@ DEFAULT_RUBRIC = format_rubric(
 )
 
 
+# The paper's rubric, word for word: the DELIFT reference code, visualization/similarity.py,
+# calculate_prometheus (rubric_data, github.com/agarwalishika/DELIFT at b282b9f).
+REFERENCE_RUBRIC = format_rubric(
+    "Evaluate the model's ability to follow instructions and deliver a high-quality response across the "
+    "following dimensions:\n"
+    "1. **Instruction Following**: How accurately and fully does the model adhere to the given instruction?\n"
+    "2. **Accuracy**: Is the information correct, reliable, and factually sound?\n"
+    "3. **Relevance**: Does the response directly address the question or task without unnecessary information?\n"
+    "4. **Completeness**: Does the response cover all essential aspects of the instruction or question?\n"
+    "5. **Depth**: How thoroughly does the response explore the topic? Does it demonstrate insightful analysis "
+    "where appropriate?\n"
+    "6. **Clarity**: Is the response well-organized, easy to follow, and free from ambiguity or confusion?\n"
+    "7. **Creativity**: Does the response offer original or innovative approaches where applicable?\n"
+    "8. **Helpfulness**: Does the response effectively meet the user's needs and provide value in solving the "
+    "problem or addressing the query?",
+    [
+        "The response fails to meet expectations across most or all criteria. It does not follow the instruction, "
+        "contains significant errors or misinformation, lacks relevance, is incomplete or shallow, unclear, "
+        "unoriginal, and unhelpful.",
+        "The response shows major deficiencies across several criteria. It partially follows the instruction but "
+        "includes significant inaccuracies, is often irrelevant, incomplete, or lacks depth, clarity, creativity, "
+        "and helpfulness.",
+        "The response is average, meeting some but not all criteria. It follows the instruction but may fall short "
+        "in terms of accuracy, depth, relevance, or helpfulness. Improvements in clarity and insightfulness may be "
+        "needed.",
+        "The response is strong, performing well across most criteria. It follows the instruction closely, is mostly "
+        "accurate and relevant, provides good depth, and is well-structured. Minor improvements could enhance "
+        "clarity, creativity, or helpfulness.",
+        "The response excels in all or nearly all criteria. It fully follows the instruction, is highly accurate, "
+        "directly relevant, complete, and demonstrates depth and insight. The response is well-organized, creative "
+        "where appropriate, and very helpful in addressing the user's needs.",
+    ],
+)
+
+# `judge.rubric` names: any other string is a rubric text of its own.
+RUBRICS = {"default": DEFAULT_RUBRIC, "reference": REFERENCE_RUBRIC}
+
+
+def resolve_rubric(rubric: str | None) -> str:
+    """The rubric text for `judge.rubric`: null is DEFAULT_RUBRIC, a name in RUBRICS its text, else the text itself."""
+    if rubric is None:
+        return DEFAULT_RUBRIC
+    rubric = str(rubric).strip()
+    return RUBRICS.get(rubric, rubric)
+
+
 def absolute_prompt(instruction: str, response: str, reference_answer: str, rubric: str = DEFAULT_RUBRIC) -> str:
     """The judge's user message: the system prompt, a blank line, the filled absolute-grading template."""
     return ABS_SYSTEM_PROMPT + "\n\n" + ABSOLUTE_PROMPT.format(
         instruction=instruction, response=response, reference_answer=reference_answer, rubric=rubric)
 
 
-# A score marker, then separators or brackets, then an integer (a decimal such as 4.5 is no score).
-_NUMBER_AFTER = r"[\s:=(\[]*(\d+)(?!\d|[.,]\d)"
-_RESULT_SCORE = re.compile(r"\[RESULT\]" + _NUMBER_AFTER, re.IGNORECASE)
-_OTHER_SCORE = re.compile(r"(?:\[SCORE\]|\bscore\s+of|\bscore\b|\bresult\b)" + _NUMBER_AFTER, re.IGNORECASE)
+# prometheus-eval's absolute parser re-implemented (libs/prometheus-eval/prometheus_eval/parser.py,
+# _parse_output_absolute): a marker, opening brackets or spaces, an integer, then at most one closing
+# bracket or space, "/5" or "out of 5", and only whitespace to the end of the output.
+_FINAL_SCORE = re.compile(r"(?:\[RESULT\]:?|\[SCORE\]|Result:?|Score:?|score\s+of)"
+                          r"[\s(\[]*(\d+)(?:[)\]\s]|/\s*5|\s*out\s*of\s*5)?\s*$", re.IGNORECASE)
 _RESULT_MARKER = re.compile(r"\[RESULT\]", re.IGNORECASE)
 
 
 def parse_absolute(text: str) -> int | None:
-    """The judge's 1-5 score from its output, or None when there is none.
+    """The 1-5 score that ends the judge's output, or None when it does not end with one.
 
-    Accepts (case-insensitive) `[RESULT] 4`, `[RESULT]: 4`, `[SCORE] 4`, `Score: 4`, `Result: 4`,
-    `score of 4`, with optional brackets and an optional `/5` or `out of 5` after the number.
-    The first integer after the first marker that has one is taken; `[RESULT]`, the format the judge
-    is asked for, wins over the looser markers (feedback may mention "a score of 3" before it).
-    Integers outside 1..5 give None, as does a number written in words.
+    As prometheus-eval parses: `[RESULT] 4`, `[RESULT]: 4`, `[SCORE] 4`, `Score: 4`, `Result: 4`,
+    `score of 4` (case-insensitive), with optional brackets and an optional `/5` or `out of 5`,
+    followed by nothing but whitespace. So a score the feedback mentions before its verdict never
+    counts, and an output that goes on after its score ("[RESULT] 4. Thanks", "[RESULT] 3 4") has
+    none. Integers outside 1..5 give None, as does a number written in words.
     """
-    match = _RESULT_SCORE.search(text) or _OTHER_SCORE.search(text)
+    match = _FINAL_SCORE.search(text)
     if match is None:
         return None
     score = int(match.group(1))
@@ -123,14 +171,15 @@ def parse_absolute(text: str) -> int | None:
 
 
 def result_prefix(feedback: str) -> str:
-    """The judge's text up to where the score token comes: through the first `[RESULT]`, plus a space.
+    """The judge's text up to where the score token comes: through the last `[RESULT]`, plus a space.
 
     Feedback without the marker (cut by max_new_tokens, or off-format) gets ` [RESULT] ` appended,
     so every example has a probability-weighted score; its discrete score still counts as a failure.
     """
-    marker = _RESULT_MARKER.search(feedback)
-    if marker is not None:
-        return feedback[:marker.end()] + " "
+    # The last marker: the discrete score is read at the end of the output too.
+    markers = list(_RESULT_MARKER.finditer(feedback))
+    if markers:
+        return feedback[:markers[-1].end()] + " "
     return f"{feedback} [RESULT] " if feedback else "[RESULT] "
 
 
@@ -173,20 +222,27 @@ class Judge:
     `feedback=False` grades directly: no feedback is generated, the judge's next token after
     `[RESULT] ` gives the distribution, `laj` is its most probable score (nothing to parse) and
     `laj_weighted` its expectation. It is one forward pass per example, for CPU-sized stand-ins.
+    `rubric`: null (ours), a name in RUBRICS ("reference": the paper's) or a rubric text.
+    `parse_retries`: how often feedback without a final score is written again (prometheus-eval's
+    default: 10); with sampling only, since greedy decoding would write the same text again.
     """
 
     def __init__(self, model, name: str, stand_in: bool = True, rubric: str | None = None,
                  feedback: bool = True, max_new_tokens: int = 256, batch_size: int = 8, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, max_field_tokens: int = 1024,
+                 temperature: float = 1.0, top_p: float = 1.0, parse_retries: int = 10, max_field_tokens: int = 1024,
                  use_chat_template: bool = True, device: str = "auto", seed: int = 0, progress: bool = True):
         self.model = model
         self.name = str(name)
         self.stand_in = bool(stand_in)
-        self.rubric = DEFAULT_RUBRIC if rubric is None else str(rubric).strip()
+        self.rubric = resolve_rubric(rubric)
         missing = [k for k in SCORES if f"Score {k}:" not in self.rubric]
         if missing:
             raise DeliftInputError(f"the rubric lacks the lines 'Score {missing[0]}: ...' (format: '[criteria]' "
-                                   f"then 'Score 1: ...' to 'Score 5: ...')", field="judge.rubric")
+                                   f"then 'Score 1: ...' to 'Score 5: ...'; or one of the names "
+                                   f"{sorted(RUBRICS)})", field="judge.rubric")
+        if int(parse_retries) < 0:
+            raise DeliftInputError(f"must be at least 0, got {parse_retries}", field="judge.parse_retries")
+        self.parse_retries = int(parse_retries)
         for option, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size),
                               ("max_field_tokens", max_field_tokens)):
             if int(value) < 1:
@@ -248,12 +304,44 @@ class Judge:
                         self.max_field_tokens)
         return texts
 
+    def write_feedback(self, model, tokenizer, texts: list[str], max_prompt_tokens: int
+                       ) -> tuple[list[str], list[int | None], list[int]]:
+        """(feedback, its final score or None, generations spent) per prompt.
+
+        As prometheus-eval's batch_completions_with_retries (prometheus_eval/utils.py): the prompts
+        whose output has no final score are generated again with the same settings, up to
+        `parse_retries` rounds; a retry with a score replaces the output, and after the last round a
+        failure keeps its first output. Greedy decoding would repeat itself, so it gets no retries.
+        """
+        def write(prompts):
+            return generate(model, tokenizer, prompts, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+                            do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p,
+                            max_prompt_tokens=max_prompt_tokens, progress=self.progress)
+
+        with torch.random.fork_rng():  # seeded sampling (if enabled) without touching the caller's RNG
+            torch.manual_seed(self.seed)
+            feedback = write(texts)
+            scores = [parse_absolute(text) for text in feedback]
+            attempts = [1] * len(texts)
+            for _ in range(self.parse_retries if self.do_sample else 0):
+                failed = [i for i, score in enumerate(scores) if score is None]
+                if not failed:
+                    break
+                for i, text in zip(failed, write([texts[i] for i in failed])):
+                    attempts[i] += 1
+                    score = parse_absolute(text)
+                    if score is not None:
+                        feedback[i], scores[i] = text, score
+        return feedback, scores, attempts
+
     def judge(self, records: list[dict], predictions: list[str]) -> tuple[dict, list[dict]]:
         """Grade each prediction against its record; returns (metrics, per-example rows).
 
         metrics: laj (mean parsed score over the parsed examples; NaN when none parsed), laj_weighted
-        (mean probability-weighted score over all), laj_parse_failures, laj_n.
-        Rows: {"laj": int | None, "laj_weighted": float, "judge_feedback": str}.
+        (mean probability-weighted score over all), laj_parse_failures (no score even after the
+        retries), laj_retried (examples whose feedback was written more than once), laj_n.
+        Rows: {"laj": int | None, "laj_weighted": float, "judge_feedback": str, "judge_attempts": int}
+        (attempts 0 when grading directly).
         """
         if len(records) != len(predictions):
             raise DeliftInputError(f"{len(predictions)} predictions for {len(records)} records",
@@ -266,40 +354,35 @@ class Judge:
                 raise DeliftInputError("is empty: the judge needs a reference answer", record=rec["id"],
                                        field="output")
         if not records:
-            return {"laj": math.nan, "laj_weighted": math.nan, "laj_parse_failures": 0, "laj_n": 0}, []
+            return {"laj": math.nan, "laj_weighted": math.nan, "laj_parse_failures": 0, "laj_retried": 0,
+                    "laj_n": 0}, []
         model, tokenizer = self.loaded.model, self.loaded.tokenizer
         check_score_position(tokenizer, score_token_ids(tokenizer))
         texts = self.prompts(records, predictions)
         prompt_ids = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
         if self.feedback:
-            with torch.random.fork_rng():  # seeded sampling (if enabled) without touching the caller's RNG
-                torch.manual_seed(self.seed)
-                feedback = generate(model, tokenizer, texts, max_new_tokens=self.max_new_tokens,
-                                    batch_size=self.batch_size, do_sample=self.do_sample,
-                                    temperature=self.temperature, top_p=self.top_p,
-                                    max_prompt_tokens=max(map(len, prompt_ids)), progress=self.progress)
+            feedback, scores, attempts = self.write_feedback(model, tokenizer, texts, max(map(len, prompt_ids)))
         else:
-            feedback = [""] * len(texts)
+            feedback, attempts = [""] * len(texts), [0] * len(texts)
         # The weighted score reads the judge's next token after its own feedback, prompt ids unchanged.
         sequences = [ids + tokenizer.encode(result_prefix(text), add_special_tokens=False)
                      for ids, text in zip(prompt_ids, feedback)]
         distributions = score_distributions(model, tokenizer, sequences, batch_size=self.batch_size,
                                             progress=self.progress)
         weighted = expected_scores(distributions)
-        if self.feedback:
-            scores = [parse_absolute(text) for text in feedback]
-        else:
+        if not self.feedback:
             scores = [SCORES[int(np.argmax(p))] for p in distributions]
         parsed = [score for score in scores if score is not None]
         metrics = {
             "laj": float(np.mean(parsed)) if parsed else math.nan,
             "laj_weighted": float(weighted.mean()),
             "laj_parse_failures": len(scores) - len(parsed),
+            "laj_retried": sum(n > 1 for n in attempts),
             "laj_n": len(scores),
         }
         if metrics["laj_parse_failures"]:
-            log.warning("judge %s: %d of %d outputs had no parsable 1-5 score", self.name,
-                        metrics["laj_parse_failures"], len(scores))
-        rows = [{"laj": score, "laj_weighted": float(w), "judge_feedback": text}
-                for score, w, text in zip(scores, weighted, feedback)]
+            log.warning("judge %s: %d of %d outputs had no final 1-5 score (after up to %d retries)", self.name,
+                        metrics["laj_parse_failures"], len(scores), self.parse_retries if self.do_sample else 0)
+        rows = [{"laj": score, "laj_weighted": float(w), "judge_feedback": text, "judge_attempts": n}
+                for score, w, text, n in zip(scores, weighted, feedback, attempts)]
         return metrics, rows

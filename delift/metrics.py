@@ -1,23 +1,91 @@
 """Scores of predictions against references: ROUGE-1 F, embedding cosine, exact-match accuracy.
 
-Accuracy is defined only for records whose `meta.answer_type` is "choice" (a letter A-D, as in
-MMLU) or "number" (a final number, as in GSM8K); it is averaged over those records alone.
+Accuracy is defined only for records whose `meta.answer_type` is "choice" (an option letter, as in
+MMLU) or "number" (a final number, as in GSM8K); it is averaged over those records alone. A
+prediction with no readable answer is wrong, and is also counted in `n_unparsed`.
 """
 
 from __future__ import annotations
 
 import re
+import string
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from delift.errors import DeliftInputError
+
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-_CHOICE = re.compile(r"\b([A-D])\b")
+# Four options (MMLU's) when a record's own options cannot be read.
+_DEFAULT_LETTERS = "ABCD"
 
 
-def extract_choice(text: str) -> str | None:
-    """The first standalone option letter A-D (as in "B", "(B)", "B. Paris", "Answer: B")."""
-    match = _CHOICE.search(text)
-    return match.group(1) if match else None
+def choice_options(rec: Mapping) -> list[str]:
+    """The option texts of a multiple-choice record, in letter order ([] if it has no lettered block).
+
+    delift.data.hub.choice_record writes the input as the question, then one "A. text" line per
+    option; the block is read back from its last "A. " line, a line not opening the next letter
+    belonging to the option before it (an option text with a line break).
+    """
+    lines = str(rec.get("input") or "").split("\n")
+    starts = [i for i, line in enumerate(lines) if line.startswith("A. ")]
+    if not starts:
+        return []
+    options: list[str] = []
+    for line in lines[starts[-1]:]:
+        next_letter = string.ascii_uppercase[len(options)] if len(options) < len(string.ascii_uppercase) else None
+        if next_letter and line.startswith(f"{next_letter}. "):
+            options.append(line[3:])
+        else:
+            options[-1] += "\n" + line
+    return options
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.casefold().split()).strip(" .,;:!?\"'")
+
+
+def _option_by_text(text: str, options: Sequence[str]) -> int | None:
+    """The one option whose text the prediction is, else the one whose text it contains, else None."""
+    prediction = _normalise(text)
+    texts = [_normalise(option) for option in options]
+    equal = [k for k, option in enumerate(texts) if option and option == prediction]
+    if len(equal) == 1:
+        return equal[0]
+    contained = [k for k, option in enumerate(texts)
+                 if option and re.search(rf"(?<!\w){re.escape(option)}(?!\w)", prediction)]
+    return contained[0] if len(contained) == 1 else None
+
+
+def extract_choice(text: str, options: Sequence[str] = ()) -> str | None:
+    """The option letter a prediction answers with, or None when it names none (or several).
+
+    The first rule that finds exactly one letter decides, as in evaluation harnesses' answer
+    extraction (a capital letter inside prose, "A good idea" or "Vitamin D", is no answer):
+    1. a stated answer, the last one: "Answer: X", "The answer is (X)", "answer is: X";
+    2. a letter alone or opening the prediction: "B", "B.", "B)", "(B)", "B: ...", "B. Paris";
+    3. a letter in parentheses anywhere: "... so (B)";
+    4. the text of exactly one option (`options`, in letter order: what the prediction is, else
+       what it contains);
+    5. a letter followed by "." or ")" anywhere: "... so B." or "option B) fits".
+    Letters are those of the options (A-D when they are unknown).
+    """
+    letters = string.ascii_uppercase[:len(options)] if options else _DEFAULT_LETTERS
+    letter = f"([{letters}])"
+    stated = re.findall(rf"(?i:\banswer\b)\s*(?:is\s*)?(?::\s*)?\(?{letter}\)?(?![A-Za-z0-9])", text)
+    if stated:
+        return stated[-1]
+    leading = re.match(rf"\s*[(\[]?{letter}(?:[.:)\]]|[ \t]*(?:\n|$))", text)
+    if leading:
+        return leading.group(1)
+    in_parentheses = set(re.findall(rf"\({letter}\)", text))
+    if len(in_parentheses) == 1:
+        return in_parentheses.pop()
+    by_text = _option_by_text(text, options) if options else None
+    if by_text is not None:
+        return letters[by_text]
+    marked = set(re.findall(rf"(?<![\w.]){letter}[.)](?!\w)", text))
+    return marked.pop() if len(marked) == 1 else None
 
 
 def extract_number(text: str) -> float | None:
@@ -32,23 +100,36 @@ def extract_number(text: str) -> float | None:
         return None
 
 
-def is_correct(prediction: str, meta: dict) -> bool | None:
-    """Exact-match correctness, or None where the record has no single checkable answer."""
-    kind, answer = meta.get("answer_type"), meta.get("answer")
-    if answer is None:
-        return None
+def parse_answer(prediction: str, meta: Mapping, options: Sequence[str] = ()) -> str | float | None:
+    """The answer a prediction gives, in the form of `meta.answer_type`; None when there is none to read."""
+    kind = meta.get("answer_type")
     if kind == "choice":
-        return extract_choice(prediction) == str(answer).strip().upper()
+        return extract_choice(prediction, options)
     if kind == "number":
-        predicted, expected = extract_number(prediction), extract_number(str(answer))
-        return predicted is not None and expected is not None and abs(predicted - expected) < 1e-6
+        return extract_number(prediction)
     return None
 
 
-def rouge1_f(predictions: list[str], references: list[str]) -> list[float]:
+def is_correct(prediction: str, meta: Mapping, options: Sequence[str] = ()) -> bool | None:
+    """Exact-match correctness, or None where the record has no single checkable answer."""
+    kind, answer = meta.get("answer_type"), meta.get("answer")
+    if answer is None or kind not in ("choice", "number"):
+        return None
+    predicted = parse_answer(prediction, meta, options)
+    if predicted is None:
+        return False
+    if kind == "choice":
+        return predicted == str(answer).strip().upper()
+    expected = extract_number(str(answer))
+    return expected is not None and abs(predicted - expected) < 1e-6
+
+
+def rouge1_f(predictions: list[str], references: list[str], use_stemmer: bool = False) -> list[float]:
+    """ROUGE-1 F per pair, by rouge_score. `use_stemmer=False` is HF evaluate's `rouge` default, which
+    the paper's reference code uses; Porter stemming (of tokens over 3 characters) is a setting."""
     from rouge_score import rouge_scorer
 
-    scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
+    scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=use_stemmer)
     return [scorer.score(ref, pred)["rouge1"].fmeasure for pred, ref in zip(predictions, references)]
 
 
@@ -59,21 +140,42 @@ def embedding_similarity(predictions: list[str], references: list[str], embedder
     return [float(x) for x in np.sum(pred * ref, axis=1)]
 
 
-def score_predictions(records: list[dict], predictions: list[str], embedder) -> tuple[dict, list[dict]]:
-    """Aggregate metrics (means) and per-example scores."""
+def _options_of(rec: Mapping) -> list[str]:
+    """A choice record's options, checked against its answer letter."""
+    meta = rec.get("meta") or {}
+    if meta.get("answer_type") != "choice":
+        return []
+    options = choice_options(rec)
+    answer = str(meta.get("answer", "")).strip().upper()
+    if options and answer not in string.ascii_uppercase[:len(options)]:
+        raise DeliftInputError(f"is {answer!r}, not one of the record's {len(options)} option letters",
+                               record=rec.get("id"), field="meta.answer")
+    return options
+
+
+def score_predictions(records: list[dict], predictions: list[str], embedder,
+                      rouge_stemmer: bool = False) -> tuple[dict, list[dict]]:
+    """Aggregate metrics (means) and per-example scores.
+
+    Rows of records with a checkable answer carry `correct` and `parsed_answer` (None: unparsed).
+    """
     references = [r["output"] for r in records]
-    rouge = rouge1_f(predictions, references)
+    rouge = rouge1_f(predictions, references, use_stemmer=rouge_stemmer)
     cosine = embedding_similarity(predictions, references, embedder)
-    correct = [is_correct(p, r.get("meta") or {}) for p, r in zip(predictions, records)]
-    per_example = []
-    for i in range(len(records)):
-        row = {"rouge1": rouge[i], "embed_sim": cosine[i]}
-        if correct[i] is not None:
-            row["correct"] = bool(correct[i])
+    per_example, judged, unparsed = [], [], 0
+    for rec, prediction, rouge_f, cos in zip(records, predictions, rouge, cosine):
+        row = {"rouge1": rouge_f, "embed_sim": cos}
+        meta, options = rec.get("meta") or {}, _options_of(rec)
+        correct = is_correct(prediction, meta, options)
+        if correct is not None:
+            row["parsed_answer"] = parse_answer(prediction, meta, options)
+            row["correct"] = bool(correct)
+            judged.append(row["correct"])
+            unparsed += row["parsed_answer"] is None
         per_example.append(row)
     metrics = {"rouge1": float(np.mean(rouge)), "embed_sim": float(np.mean(cosine))}
-    judged = [c for c in correct if c is not None]
     if judged:
         metrics["accuracy"] = float(np.mean(judged))
         metrics["n_accuracy"] = len(judged)
+        metrics["n_unparsed"] = unparsed
     return metrics, per_example

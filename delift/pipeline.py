@@ -185,7 +185,7 @@ def run(cfg: DictConfig) -> dict:
     subset = [stage.pool[i] for i in selection.indices]
     evaluate_options = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
                             use_chat_template=cfg.train.use_chat_template, do_sample=cfg.eval.do_sample,
-                            progress=cfg.progress, judge=judge)
+                            rouge_stemmer=cfg.eval.rouge_stemmer, progress=cfg.progress, judge=judge)
     metrics_by_mode, rows = {}, []
     # ICL first: it prompts the base model, which fine-tuning then adapts in place.
     if "icl" in eval_modes(cfg.eval.mode) and writes:

@@ -16,6 +16,7 @@ from delift.errors import DeliftInputError
 from delift.judge import (
     ABS_SYSTEM_PROMPT,
     DEFAULT_RUBRIC,
+    REFERENCE_RUBRIC,
     Judge,
     absolute_prompt,
     check_score_position,
@@ -26,7 +27,7 @@ from delift.judge import (
 )
 from delift.models import HubModel, PackagedGGUFModel
 from delift.records import make_record
-from delift.selectors.selectit import score_token_ids
+from delift.generation import score_token_ids
 from tests.helpers import compose_config
 
 
@@ -36,22 +37,27 @@ from tests.helpers import compose_config
     ("[result] 5", 5),
     ("[RESULT] (2)", 2),
     ("[RESULT] [1]", 1),
-    ("[RESULT] 4.", 4),
+    ("[RESULT] 4 \n\n", 4),
     ("[SCORE] 3", 3),
     ("Score: 3/5", 3),
     ("score of 2 out of 5", 2),
     ("Result: 5", 5),
-    ("[RESULT] 3 4", 3),                                      # two numbers: the first
-    ("Score: 2. On reflection, Score: 5", 2),
-    ("It deserves a score of 2 at first sight, but [RESULT] 4", 4),  # the requested format wins
+    ("Fair. (Score 3)", 3),
+    ("Weak. [Result] Score: 2", 2),
+    ("Compared with the reference (Score 5), it is close. [RESULT] 4", 4),
+    ("Score: 2. On reflection, Score: 5", 5),                 # two scores: the last, which ends the output
+    ("First [RESULT] 2, then after more thought [RESULT] 4", 4),
+    ("It deserves a score of 2 at first sight, but [RESULT] 4", 4),
 ])
-def test_parse_absolute_reads_the_score(text, score):
+def test_parse_absolute_reads_the_score_that_ends_the_output(text, score):
     assert parse_absolute(text) == score
 
 
 @pytest.mark.parametrize("text", [
     "[RESULT] 6", "[RESULT] 0", "[RESULT] 45", "[RESULT] 4.5", "[RESULT] five",
     "The response is good, 4", "", "[RESULT]",
+    "[RESULT] 4.", "[RESULT] 4. Thank you.", "[RESULT] 3 4",   # text after the score: none, as in prometheus-eval
+    "[RESULT] 4 and then the judge kept writing",
 ])
 def test_parse_absolute_refuses_malformed_and_out_of_range(text):
     assert parse_absolute(text) is None
@@ -71,7 +77,7 @@ def test_prompt_has_the_prometheus_sections_in_order():
 
 def test_result_prefix_ends_where_the_score_token_comes():
     assert result_prefix("Good answer. [RESULT] 4") == "Good answer. [RESULT] "
-    assert result_prefix("Fine [Result]: 3 and [RESULT] 5") == "Fine [Result] "
+    assert result_prefix("Fine [Result]: 3 and [RESULT] 5") == "Fine [Result]: 3 and [RESULT] "  # the last
     assert result_prefix("Feedback cut by the token lim") == "Feedback cut by the token lim [RESULT] "
     assert result_prefix("") == "[RESULT] "
 
@@ -136,11 +142,9 @@ def test_score_distributions_renormalise_over_the_tokenizers_score_ids():
     assert positions[-1].tolist() == [0, 1, 2]
 
 
-def test_score_token_ids_come_from_the_tokenizer(tiny_qwen2):
+def test_the_score_follows_the_result_marker_as_one_token(tiny_qwen2):
     tokenizer = tiny_qwen2.tokenizer
-    ids = score_token_ids(tokenizer)
-    assert ids == [tokenizer.convert_tokens_to_ids(str(k)) for k in range(1, 6)]
-    check_score_position(tokenizer, ids)  # "[RESULT] 4" = "[RESULT] " + "4" for this tokenizer
+    check_score_position(tokenizer, score_token_ids(tokenizer))  # "[RESULT] 4" = "[RESULT] " + "4" for this tokenizer
 
 
 def test_tokenizer_that_merges_space_and_digit_is_refused():
@@ -171,9 +175,11 @@ def test_judge_counts_parse_failures_and_weights_every_example(tiny_qwen2, monke
     judge = Judge(dataclasses.replace(tiny_qwen2, model=model), name="fake", max_new_tokens=16, progress=False)
     records = _records(4)
     metrics, rows = judge.judge(records, ["0", "2", "5", "7"])
-    assert metrics == {"laj": 3.0, "laj_weighted": pytest.approx(4.15), "laj_parse_failures": 2, "laj_n": 4}
+    assert metrics == {"laj": 3.0, "laj_weighted": pytest.approx(4.15), "laj_parse_failures": 2, "laj_retried": 0,
+                       "laj_n": 4}
     assert [row["laj"] for row in rows] == [4, None, None, 2]
     assert [row["judge_feedback"] for row in rows] == feedback
+    assert [row["judge_attempts"] for row in rows] == [1, 1, 1, 1]  # greedy: no retries
     assert seen["max_new_tokens"] == 16 and seen["do_sample"] is False
     # Prompts are chat-formatted, whole (no truncation), and each weighted pass continues the judge's own text.
     assert all(p.endswith("<|im_start|>assistant\n") and "###Feedback: " in p for p in seen["prompts"])
@@ -196,7 +202,8 @@ def test_judge_runs_end_to_end_on_a_tiny_model(tiny_qwen2):
 
 
 def test_seeded_sampling_is_reproducible(tiny_qwen2):
-    judge = Judge(tiny_qwen2, name="tiny", max_new_tokens=6, do_sample=True, seed=3, progress=False)
+    judge = Judge(tiny_qwen2, name="tiny", max_new_tokens=6, do_sample=True, seed=3, parse_retries=2,
+                  progress=False)
     first = judge.judge(_records(2), ["0", "2"])
     assert judge.judge(_records(2), ["0", "2"]) == first
 
@@ -216,6 +223,10 @@ def test_bad_input_names_the_record_and_field(tiny_qwen2):
         judge.judge(_records(2), ["0", None])
     with pytest.raises(DeliftInputError, match="judge.rubric"):
         Judge(tiny_qwen2, name="tiny", rubric="[Is it good?]\nScore 1: bad\nScore 5: good")
+    with pytest.raises(DeliftInputError, match="judge.rubric"):
+        Judge(tiny_qwen2, name="tiny", rubric="paper")  # not a rubric name, and no rubric text
+    with pytest.raises(DeliftInputError, match="judge.parse_retries"):
+        Judge(tiny_qwen2, name="tiny", parse_retries=-1)
     assert judge.judge([], [])[0]["laj_n"] == 0
 
 
@@ -228,10 +239,36 @@ def test_judge_configs_compose_and_instantiate_without_loading(name, spec, stand
     judge = instantiate(cfg.judge)
     assert isinstance(judge, Judge) and isinstance(judge.model, spec)
     assert judge.stand_in is stand_in and judge._loaded is None
-    assert judge.rubric == DEFAULT_RUBRIC and judge.do_sample is False
-    assert judge.max_new_tokens == (256 if name == "prometheus" else 64)
-    if name == "prometheus":
+    assert judge.rubric == DEFAULT_RUBRIC and judge.parse_retries == 10
+    if name == "prometheus":  # prometheus-eval's defaults, as the paper's code ran it
         assert judge.model.name == "prometheus-eval/prometheus-7b-v2.0"
+        assert (judge.do_sample, judge.temperature, judge.top_p, judge.max_new_tokens) == (True, 1.0, 0.9, 1024)
+    else:
+        assert judge.do_sample is False and judge.max_new_tokens == 64
+
+
+@pytest.mark.parametrize("rubric,expected", [
+    ("reference", REFERENCE_RUBRIC),
+    ("default", DEFAULT_RUBRIC),
+    ("'[Is it short?]\nScore 1: no\nScore 2: -\nScore 3: -\nScore 4: -\nScore 5: yes'",
+     "[Is it short?]\nScore 1: no\nScore 2: -\nScore 3: -\nScore 4: -\nScore 5: yes"),
+])
+def test_rubric_is_a_name_or_a_text(rubric, expected, tmp_path):
+    cfg = compose_config(["judge=prometheus", f"judge.rubric={rubric}"], output_dir=tmp_path)
+    assert instantiate(cfg.judge).rubric == expected
+
+
+def test_reference_rubric_is_the_papers_eight_criteria():
+    assert REFERENCE_RUBRIC.startswith("[Evaluate the model's ability to follow instructions and deliver a "
+                                       "high-quality response across the following dimensions:\n1. **Instruction")
+    criteria = ["Instruction Following", "Accuracy", "Relevance", "Completeness", "Depth", "Clarity", "Creativity",
+                "Helpfulness"]
+    assert all(f"{k}. **{name}**: " in REFERENCE_RUBRIC for k, name in enumerate(criteria, start=1))
+    assert "?]\nScore 1: The response fails to meet expectations" in REFERENCE_RUBRIC
+    assert REFERENCE_RUBRIC.endswith("Score 5: The response excels in all or nearly all criteria. It fully follows "
+                                     "the instruction, is highly accurate, directly relevant, complete, and "
+                                     "demonstrates depth and insight. The response is well-organized, creative where "
+                                     "appropriate, and very helpful in addressing the user's needs.")
 
 
 def test_no_judge_config_is_empty(tmp_path):
@@ -246,3 +283,55 @@ def test_direct_grading_takes_the_most_probable_score_and_parses_nothing(tiny_qw
     assert all(row["judge_feedback"] == "" and row["laj"] in (1, 2, 3, 4, 5) for row in rows)
     assert 1.0 <= metrics["laj_weighted"] <= 5.0
     assert metrics["laj"] == np.mean([row["laj"] for row in rows])
+
+
+def _scripted_judge(tiny_qwen2, monkeypatch, outputs_per_call, **options):
+    """A judge whose generate() returns the next scripted list of outputs; the calls are recorded."""
+    calls = []
+
+    def scripted_generate(model, tokenizer, prompts, **generate_options):
+        calls.append((list(prompts), generate_options))
+        return list(outputs_per_call[len(calls) - 1])
+
+    monkeypatch.setattr(judge_module, "generate", scripted_generate)
+    tokenizer = tiny_qwen2.tokenizer
+    model = _LastTokenModel(len(tokenizer), score_token_ids(tokenizer),
+                            {tokenizer.encode(" ")[-1]: [0.05, 0.05, 0.1, 0.3, 0.5]})
+    judge = Judge(dataclasses.replace(tiny_qwen2, model=model), name="scripted", progress=False, **options)
+    return judge, calls
+
+
+def test_two_scores_take_the_last(tiny_qwen2, monkeypatch):
+    judge, calls = _scripted_judge(tiny_qwen2, monkeypatch, [["A score of 2 at first; on reflection [RESULT] 4"]])
+    metrics, rows = judge.judge(_records(1), ["2"])
+    assert rows[0]["laj"] == 4 and metrics["laj"] == 4.0 and len(calls) == 1
+
+
+def test_a_failed_parse_is_sampled_again_and_the_retry_scores(tiny_qwen2, monkeypatch):
+    first = ["Good. [RESULT] 4", "Cut before the sc", "[RESULT] 2"]
+    judge, calls = _scripted_judge(tiny_qwen2, monkeypatch, [first, ["Now whole. [RESULT] 5"]],
+                                   do_sample=True, top_p=0.9, parse_retries=3)
+    metrics, rows = judge.judge(_records(3), ["0", "2", "4"])
+    assert len(calls) == 2 and calls[1][0] == [calls[0][0][1]]      # only the failed prompt, once more
+    assert calls[1][1] == calls[0][1] and calls[1][1]["do_sample"] is True and calls[1][1]["top_p"] == 0.9
+    assert [row["laj"] for row in rows] == [4, 5, 2]
+    assert [row["judge_feedback"] for row in rows] == ["Good. [RESULT] 4", "Now whole. [RESULT] 5", "[RESULT] 2"]
+    assert [row["judge_attempts"] for row in rows] == [1, 2, 1]
+    assert metrics["laj_parse_failures"] == 0 and metrics["laj_retried"] == 1
+    assert metrics["laj"] == pytest.approx(11 / 3)
+
+
+def test_retries_exhausted_count_as_a_parse_failure(tiny_qwen2, monkeypatch):
+    outputs = [["[RESULT] 3", "rambling"], ["still rambling"], ["[RESULT] 4. Done."]]
+    judge, calls = _scripted_judge(tiny_qwen2, monkeypatch, outputs, do_sample=True, parse_retries=2)
+    metrics, rows = judge.judge(_records(2), ["0", "2"])
+    assert len(calls) == 3
+    assert [row["laj"] for row in rows] == [3, None]
+    assert rows[1]["judge_feedback"] == "rambling" and rows[1]["judge_attempts"] == 3  # the first output stays
+    assert metrics["laj_parse_failures"] == 1 and metrics["laj_retried"] == 1 and metrics["laj"] == 3.0
+
+
+def test_greedy_feedback_is_not_retried(tiny_qwen2, monkeypatch):
+    judge, calls = _scripted_judge(tiny_qwen2, monkeypatch, [["no score"]], do_sample=False, parse_retries=10)
+    metrics, _ = judge.judge(_records(1), ["0"])
+    assert len(calls) == 1 and metrics["laj_parse_failures"] == 1
