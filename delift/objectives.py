@@ -3,13 +3,13 @@
 Public API
 ----------
 ``select(kernel, budget, objective, *, query_kernel=None, private_kernel=None, eta=1.0, nu=1.0,
-backend="ours", normalize=True, progress=True, return_details=False) -> list[int] | GreedyResult``
+backend="ours", normalize="joint", progress=True, return_details=False) -> list[int] | GreedyResult``
     The selected indices in greedy order (or the whole ``GreedyResult`` with ``return_details``).
 ``maximize(kernel, budget, objective, *, <same keywords, no return_details>) -> GreedyResult``
     ``GreedyResult(indices, gains, value)``: indices in greedy order, the marginal gain of each
     when it was added, and ``value`` = f(selected) on the normalised kernels (= sum of the gains).
 ``objective_value(kernel, selected, objective, *, query_kernel=None, private_kernel=None, eta=1.0,
-nu=1.0, normalize=True) -> float``
+nu=1.0, normalize="joint") -> float``
     f(selected) evaluated straight from the formula (float64).
 ``minmax01(kernel, *, bounds=None) -> np.ndarray`` (float32) and ``kernel_bounds(*kernels) -> (lo, hi)``
     The min-max normalisation to [0, 1]; ``delift.utility`` reuses it.
@@ -24,35 +24,52 @@ stored entries.
 Orientation
 -----------
 Every kernel has rows i = the example being helped (covered) and columns j = the candidate
-demonstration: ``kernel`` is pool x pool (n x n), ``query_kernel`` pool x target (n x m),
-``private_kernel`` pool x existing (n x p). With s = normalised ``kernel``, q = normalised
-``query_kernel``, e = normalised ``private_kernel`` and A the selected set (max over an empty set = 0):
+demonstration, as ``delift.utility.compute_kernel(rows, cols)`` returns it (UF[i, j] = how much
+demonstration j helps example i; UF is not symmetric): ``kernel`` is pool x pool (n x n),
+``query_kernel`` pool x target (n x m) for FLMI but target x pool (m x n) for FL2MI (there the
+targets are the covered items), ``private_kernel`` pool x existing (n x p). With s = normalised
+``kernel``, q = normalised ``query_kernel``, e = normalised ``private_kernel`` and A the selected
+set (max over an empty set = 0):
 
 - ``fl``    f(A)   = sum_i max_{j in A} s[i, j]
 - ``flmi``  f(A)   = sum_i min(max_{j in A} s[i, j], eta * max_t q[i, t])
   (submodlib's FacilityLocationMutualInformationFunction, what the reference code ran: the
   default for the task stage)
-- ``fl2mi`` f(A)   = sum_t max_{j in A} q[j, t] + eta * sum_{j in A} max_t q[j, t]
-  (the paper's written form; submodlib's FacilityLocationVariantMutualInformationFunction).
-  The paper's s_qj is read as q[j, t]: the query kernel is used as given, pool rows x target
-  columns. ``kernel`` is not read (None is fine; a pool kernel is only shape-checked).
+- ``fl2mi`` f(A)   = sum_t max_{j in A} q[t, j] + eta * sum_{j in A} max_t q[t, j]
+  (the paper's written form, sum_{q in Q} max_{j in A} s_qj + eta sum_{j in A} max_{q in Q} s_qj,
+  with s_qj = UF_q(j): how much pool example j helps target q). This is submodlib's
+  FacilityLocationVariantMutualInformationFunction exactly: it takes one query kernel
+  ``query_sijs`` of shape n x num_queries (ground-set rows, query columns) and computes
+  sum_q max_{j in A} K[j][q] + eta * sum_{j in A} max_q K[j][q] (cpp/smi/
+  FacilityLocationVariantMutualInformation.cpp, ``evaluate``), so both terms read the same entry
+  per pair; backend ``submodlib`` is given q transposed. ``kernel`` is not read (None is fine; a
+  pool kernel is only shape-checked).
 - ``flcg``  f(A|E) = sum_i max(max_{j in A} s[i, j] - nu * max_e e[i, e], 0)
 
 Normalisation
 -------------
-One global min-max to [0, 1] taken jointly over all the kernels the objective reads (FLMI takes
-a min across ``kernel`` and ``query_kernel``, FLCG a difference across ``kernel`` and
-``private_kernel``, so both must stay on one scale). A constant kernel maps to zeros. With
+``normalize="joint"`` (default; ``True`` means the same): one min-max to [0, 1] taken jointly
+over all the kernels the objective reads. FLMI takes a min across ``kernel`` and
+``query_kernel``, FLCG a difference across ``kernel`` and ``private_kernel``: one common
+increasing affine map keeps those comparisons as they are on the raw kernels (which value is
+larger, by how much relative to the common range), so eta and nu weigh values on one scale and
+mean the same trade-off whatever the data.
+``normalize="separate"`` min-maxes each kernel over its own range, as the DELIFT reference code
+does (subset_selection/subset_fl.py); it stretches a kernel of narrow range (e.g. a query kernel
+whose values all sit below the pool kernel's) to [0, 1], which changes which FLMI cap binds or
+how much of the FLCG coverage the existing data already gives. FL and FL2MI read one kernel, so
+both choices give the same result there. A constant kernel maps to zeros. With
 ``normalize=False`` the kernels are used as they are and must be non-negative (submodlib
 assumes it). Both backends receive the same normalised float32 values.
 
 Sparse kernels: the min-max runs over the stored entries only (jointly with every entry of the
-dense kernels read), a stored x becomes clip((x - lo) / (hi - lo), 0, 1) and an unstored entry
-stays 0, whatever lo is. So a sparse kernel gives exactly the selection (same indices, same
-order, gains equal to float rounding) of the dense kernel that holds its normalised entries and
-0 elsewhere, run with ``normalize=False``; a sparse kernel that stores every entry gives the dense
-result. With ``normalize=False`` the stored entries must be >= 0. A sparse kernel storing nothing
-adds no bounds (``kernel_bounds`` of it alone is (inf, -inf); every gain is then 0).
+dense kernels read, or per kernel with ``normalize="separate"``), a stored x becomes
+clip((x - lo) / (hi - lo), 0, 1) and an unstored entry stays 0, whatever lo is. So a sparse
+kernel gives exactly the selection (same indices, same order, gains equal to float rounding) of
+the dense kernel that holds its normalised entries and 0 elsewhere, run with
+``normalize=False``; a sparse kernel that stores every entry gives the dense result. With
+``normalize=False`` the stored entries must be >= 0. A sparse kernel storing nothing adds no
+bounds (``kernel_bounds`` of it alone is (inf, -inf); every gain is then 0).
 
 Backends
 --------
@@ -90,9 +107,9 @@ kernel costs O(nnz) instead: a CSR copy, its normalised float32 CSR and the tran
 ``ours`` (FL, n = 100,000, 16 stored entries a row, budget 30,000: 44 s, 0.18 GB peak RSS on
 this 2-core machine).
 
-Guards: budget < 1, NaN/inf entries, negative entries (normalize=False), wrong shapes or a
-missing/unused kernel raise DeliftInputError; budget >= n selects everything (logged), still in
-greedy order.
+Guards: budget < 1, NaN/inf entries, negative entries (normalize=False), wrong shapes, a
+missing/unused kernel or an unknown ``normalize`` raise DeliftInputError; budget >= n selects
+everything (logged), still in greedy order.
 """
 
 from __future__ import annotations
@@ -110,6 +127,7 @@ log = logging.getLogger(__name__)
 
 OBJECTIVES = ("fl", "flmi", "fl2mi", "flcg")
 BACKENDS = ("ours", "submodlib")
+NORMALIZATIONS = ("joint", "separate")
 
 # Which kernels each objective reads.
 _KERNELS_READ = {
@@ -135,7 +153,7 @@ class GreedyResult:
 
 
 def select(kernel, budget, objective, *, query_kernel=None, private_kernel=None, eta=1.0, nu=1.0,
-           backend="ours", normalize=True, progress=True, return_details=False):
+           backend="ours", normalize="joint", progress=True, return_details=False):
     """Greedy subset of size `budget` maximising `objective`: the indices, or the GreedyResult."""
     result = maximize(kernel, budget, objective, query_kernel=query_kernel, private_kernel=private_kernel,
                       eta=eta, nu=nu, backend=backend, normalize=normalize, progress=progress)
@@ -143,7 +161,7 @@ def select(kernel, budget, objective, *, query_kernel=None, private_kernel=None,
 
 
 def maximize(kernel, budget, objective, *, query_kernel=None, private_kernel=None, eta=1.0, nu=1.0,
-             backend="ours", normalize=True, progress=True) -> GreedyResult:
+             backend="ours", normalize="joint", progress=True) -> GreedyResult:
     """Run the lazy greedy of `backend` on the (normalised) kernels; see the module docstring."""
     if backend not in BACKENDS:
         raise DeliftInputError(f"unknown backend {backend!r}; expected one of {BACKENDS}", field="backend")
@@ -170,7 +188,7 @@ def maximize(kernel, budget, objective, *, query_kernel=None, private_kernel=Non
 
 
 def objective_value(kernel, selected, objective, *, query_kernel=None, private_kernel=None, eta=1.0, nu=1.0,
-                    normalize=True) -> float:
+                    normalize="joint") -> float:
     """f(selected) straight from the formula of `objective` (module docstring), in float64."""
     problem = _Problem.build(kernel, objective, query_kernel, private_kernel, eta, nu, normalize)
     chosen = [int(j) for j in selected]
@@ -275,6 +293,16 @@ def _as_sparse(array, name: str):
     return csr
 
 
+def _normalization(normalize) -> str | None:
+    """"joint", "separate" or None (kernels used as they are) from the `normalize` argument."""
+    if isinstance(normalize, (bool, np.bool_)):
+        return "joint" if normalize else None
+    if normalize not in NORMALIZATIONS:
+        raise DeliftInputError(f"must be one of {NORMALIZATIONS}, True or False, got {normalize!r}",
+                               field="normalize")
+    return normalize
+
+
 def _scan_bounds(array, name: str) -> tuple[float, float]:
     array = _as_matrix(array, name)
     if scipy.sparse.issparse(array):
@@ -324,7 +352,7 @@ class _Problem:
     kernels: dict  # name -> raw 2-D array (possibly a memory map) or canonical CSR array
     eta: float
     nu: float
-    bounds: tuple | None  # joint min-max bounds; None when the kernels are used as they are
+    bounds: dict | None  # name -> min-max (lo, hi); None when the kernels are used as they are
 
     @classmethod
     def build(cls, kernel, objective, query_kernel, private_kernel, eta, nu, normalize) -> "_Problem":
@@ -339,28 +367,41 @@ class _Problem:
             # fl2mi ignores a pool kernel, so callers may pass the same kernels to every objective.
             if name not in read and array is not None and name != "kernel":
                 raise DeliftInputError(f"objective {objective!r} does not read {name}; pass None", field=name)
+        normalization = _normalization(normalize)
         kernels = {name: _as_matrix(given[name], name) for name in read}
-        n = next(iter(kernels.values())).shape[0]
-        if "kernel" in kernels:
-            pool_kernel = kernels["kernel"]
-        else:
+        if objective == "fl2mi":
+            # Target x pool: the pool is the columns, the candidates (the kernel's orientation rule).
+            n = kernels["query_kernel"].shape[1]
             pool_kernel = None if kernel is None else _as_matrix(kernel, "kernel")
+        else:
+            n = kernels["kernel"].shape[0]
+            pool_kernel = kernels["kernel"]
         if pool_kernel is not None and pool_kernel.shape != (n, n):
             raise DeliftInputError(f"must be square (pool x pool, {n} x {n}), got shape {pool_kernel.shape}",
                                    field="kernel")
         for name, array in kernels.items():
-            if array.shape[0] != n:
+            if objective != "fl2mi" and array.shape[0] != n:
                 raise DeliftInputError(f"has {array.shape[0]} rows but the pool has {n}", field=name)
         for name, weight in (("eta", eta), ("nu", nu)):
             if not (np.isfinite(weight) and weight >= 0):
                 raise DeliftInputError(f"must be a finite number >= 0, got {weight!r}", field=name)
 
-        bounds = [_scan_bounds(array, name) for name, array in kernels.items()]
-        lo, hi = min(b[0] for b in bounds), max(b[1] for b in bounds)
-        if not normalize and lo < 0:
-            for name, array in kernels.items():
-                _first_negative(array, name)
-        return cls(objective, n, kernels, float(eta), float(nu), (lo, hi) if normalize else None)
+        bounds = {name: _scan_bounds(array, name) for name, array in kernels.items()}
+        if normalization is None:
+            if min(lo for lo, _ in bounds.values()) < 0:
+                for name, array in kernels.items():
+                    _first_negative(array, name)
+            return cls(objective, n, kernels, float(eta), float(nu), None)
+        if normalization == "joint":
+            joint = min(lo for lo, _ in bounds.values()), max(hi for _, hi in bounds.values())
+            bounds = dict.fromkeys(bounds, joint)
+        return cls(objective, n, kernels, float(eta), float(nu), bounds)
+
+    def scaled(self, name: str, values: np.ndarray) -> np.ndarray:
+        """Float32 `values` of kernel `name`, normalised as configured."""
+        if self.bounds is None:
+            return values.astype(np.float32)
+        return _scale_block(values, *self.bounds[name])
 
     def is_sparse(self, name: str) -> bool:
         return scipy.sparse.issparse(self.kernels[name])
@@ -370,7 +411,7 @@ class _Problem:
         raw = self.kernels[name]
         if self.bounds is None:
             return scipy.sparse.csr_array((raw.data.astype(np.float32), raw.indices, raw.indptr), shape=raw.shape)
-        return _scaled_csr(raw, *self.bounds)
+        return _scaled_csr(raw, *self.bounds[name])
 
     def rows(self, name: str, rows) -> np.ndarray:
         """Float32 rows (a slice or an index array) of kernel `name`, normalised as configured.
@@ -380,12 +421,9 @@ class _Problem:
         """
         if self.is_sparse(name):
             block = self.kernels[name][rows]
-            data = block.data.astype(np.float32) if self.bounds is None else _scale_block(block.data, *self.bounds)
-            return scipy.sparse.csr_array((data, block.indices, block.indptr), shape=block.shape).toarray()
-        block = np.asarray(self.kernels[name][rows])
-        if self.bounds is None:
-            return block.astype(np.float32)
-        return _scale_block(block, *self.bounds)
+            return scipy.sparse.csr_array((self.scaled(name, block.data), block.indices, block.indptr),
+                                          shape=block.shape).toarray()
+        return self.scaled(name, np.asarray(self.kernels[name][rows]))
 
     def row_blocks(self, name: str):
         for start, stop in _row_blocks(self.kernels[name].shape):
@@ -410,14 +448,31 @@ class _Problem:
             out[start:stop] = np.maximum((np.float32(weight) * block).max(axis=1), np.float32(floor))
         return out
 
+    def column_max(self, name: str, floor: float = 0.0) -> np.ndarray:
+        """max(floor, max_t K[t, j]) per column j, in float32 (FL2MI's per-candidate query maxima)."""
+        out = np.full(self.kernels[name].shape[1], np.float32(floor), dtype=np.float32)
+        if self.is_sparse(name):
+            # Unstored entries are 0 <= floor: the stored ones decide.
+            kernel = self.sparse(name)
+            np.maximum.at(out, kernel.indices, kernel.data)
+            return out
+        for _, _, block in self.row_blocks(name):
+            np.maximum(out, block.max(axis=0), out=out)
+        return out
+
     def value(self, chosen: list[int]) -> float:
         if self.objective == "fl2mi":
             if not chosen:
                 return 0.0
             if self.is_sparse("query_kernel"):
                 return self._sparse_fl2mi_value(chosen)
-            picked = self.rows("query_kernel", np.asarray(chosen)).astype(np.float64)
-            return float(picked.max(axis=0).sum() + self.eta * picked.max(axis=1).sum())
+            columns = np.asarray(chosen, dtype=np.int64)
+            per_target, per_chosen = 0.0, np.zeros(len(chosen))
+            for _, _, block in self.row_blocks("query_kernel"):
+                picked = block[:, columns].astype(np.float64)
+                per_target += float(picked.max(axis=1).sum())
+                np.maximum(per_chosen, picked.max(axis=0), out=per_chosen)
+            return per_target + self.eta * float(per_chosen.sum())
         total = 0.0
         columns = np.asarray(chosen, dtype=np.int64)
         if any(self.is_sparse(name) for name in self.kernels):
@@ -434,12 +489,12 @@ class _Problem:
         return total
 
     def _sparse_fl2mi_value(self, chosen: list[int]) -> float:
-        # The chosen rows of the query kernel, unstored entries 0: the same maxima as the dense rows.
-        query = self.kernels["query_kernel"][np.asarray(chosen, dtype=np.int64)]
-        data = query.data.astype(np.float32) if self.bounds is None else _scale_block(query.data, *self.bounds)
-        per_target = np.zeros(query.shape[1], dtype=np.float32)
-        np.maximum.at(per_target, query.indices, data)
-        per_chosen = _csr_row_max(data, query.indptr, query.shape[0])
+        # The chosen columns of the (target x pool) query kernel, unstored entries 0: the dense maxima.
+        query = self.kernels["query_kernel"][:, np.asarray(chosen, dtype=np.int64)]
+        data = self.scaled("query_kernel", query.data)
+        per_target = _csr_row_max(data, query.indptr, query.shape[0])
+        per_chosen = np.zeros(query.shape[1], dtype=np.float32)
+        np.maximum.at(per_chosen, query.indices, data)
         return float(per_target.astype(np.float64).sum() + self.eta * per_chosen.astype(np.float64).sum())
 
     def _mixed_value(self, columns: np.ndarray) -> float:
@@ -447,9 +502,7 @@ class _Problem:
         if self.is_sparse("kernel"):
             if columns.size:
                 picked = self.kernels["kernel"][:, columns]
-                data = picked.data.astype(np.float32) if self.bounds is None else _scale_block(picked.data,
-                                                                                               *self.bounds)
-                covered = _csr_row_max(data, picked.indptr, self.n).astype(np.float64)
+                covered = _csr_row_max(self.scaled("kernel", picked.data), picked.indptr, self.n).astype(np.float64)
             else:
                 covered = np.zeros(self.n)
         else:
@@ -466,7 +519,7 @@ class _CoverageState:
     """The four objectives as one coverage problem, with every candidate's gain kept up to date.
 
     `covers[r, j]` is what candidate j offers covered item r: the kernel itself for fl/flmi/flcg
-    (covered items = pool rows), the transposed query kernel for fl2mi (covered items = targets).
+    (covered items = pool rows), the (target x pool) query kernel for fl2mi (covered items = targets).
     A candidate's gain is sum_r term(coverage[r], covers[r, j]) (+ `modular[j]` for fl2mi), with
     term = max(x - c, 0) or, for flmi, min(max(c, x), cap) - min(c, cap), in float32 as submodlib
     computes it. Adding j only changes the terms of the items whose coverage j raises, so each
@@ -477,7 +530,7 @@ class _CoverageState:
         self.covers = covers  # (n_covered, n_candidates) float32, C-contiguous (may be a memory map)
         self.coverage = coverage  # (n_covered,) float32: best value offered so far
         self.cap = cap  # flmi: eta * max_t q[r, t]; coverage beyond it is worth nothing
-        self.modular = modular  # fl2mi: eta * max_t q[j, t], added to candidate j's gain
+        self.modular = modular  # fl2mi: eta * max_t q[t, j], added to candidate j's gain
         n_candidates = covers.shape[1]
         # Gains as a compensated float64 sum (high + low part), so thousands of updates do not drift;
         # `positive` counts each candidate's non-zero terms, so a gain of exactly 0 stays exactly 0.
@@ -499,10 +552,10 @@ class _CoverageState:
         if problem.is_sparse("query_kernel" if problem.objective == "fl2mi" else "kernel"):
             return _SparseCoverageState.build(problem)
         if problem.objective == "fl2mi":
+            # Covered items are the targets: the target x pool query kernel is `covers` as it is.
             query = problem.dense("query_kernel")
-            modular = np.float32(problem.eta) * problem.row_max("query_kernel", 1.0, floor=_FLT_MIN)
-            return cls(np.ascontiguousarray(query.T), np.zeros(query.shape[1], dtype=np.float32),
-                       modular=modular, progress=progress)
+            modular = np.float32(problem.eta) * problem.column_max("query_kernel", floor=_FLT_MIN)
+            return cls(query, np.zeros(query.shape[0], dtype=np.float32), modular=modular, progress=progress)
         raw = problem.kernels["kernel"]
         # A float32 C-ordered kernel used as it is (e.g. a memory map) needs no copy.
         use_raw = problem.bounds is None and raw.dtype == np.float32 and raw.flags.c_contiguous
@@ -600,10 +653,10 @@ class _SparseCoverageState(_CoverageState):
     @classmethod
     def build(cls, problem: _Problem) -> "_SparseCoverageState":
         if problem.objective == "fl2mi":
-            # Covered items are the targets: covers = query kernel transposed (target x pool).
+            # Covered items are the targets: covers = the target x pool query kernel as it is.
             query = problem.sparse("query_kernel")
-            modular = np.float32(problem.eta) * problem.row_max("query_kernel", 1.0, floor=_FLT_MIN)
-            return cls(_transposed(query), query, np.zeros(query.shape[1], dtype=np.float32), modular=modular)
+            modular = np.float32(problem.eta) * problem.column_max("query_kernel", floor=_FLT_MIN)
+            return cls(query, _transposed(query), np.zeros(query.shape[0], dtype=np.float32), modular=modular)
         kernel = problem.sparse("kernel")
         coverage = np.zeros(problem.n, dtype=np.float32)
         if problem.objective == "flmi":
@@ -787,7 +840,8 @@ def _maximize_submodlib(problem: _Problem, budget: int, progress: bool):
                                                              data_sijs=problem.dense("kernel"), query_sijs=query,
                                                              magnificationEta=problem.eta)
     elif problem.objective == "fl2mi":
-        query = problem.dense("query_kernel")
+        # submodlib's query kernel is ground set x queries: ours (target x pool) transposed.
+        query = np.ascontiguousarray(problem.dense("query_kernel").T)
         function = FacilityLocationVariantMutualInformationFunction(n=n, num_queries=query.shape[1],
                                                                     query_sijs=query,
                                                                     queryDiversityEta=problem.eta)

@@ -1,11 +1,19 @@
 """DEFT-UCS (Das & Khetan, 2023): unsupervised core-set selection by clustering sentence embeddings.
 
-k-means (K = 7) on the sentence embeddings of the pool; each cluster gets a share of the budget
-proportional to its size (largest remainders get the leftover examples, ties to the lower
-cluster index); within a cluster, `alpha` of its share are "easy" examples (closest to the
-centroid) and the rest "hard" (farthest). The paper sweeps this easy/hard mix; alpha = 0.5 is the
-balanced default here. Indices returned are positions in the pool (the reference port returned
-positions inside each cluster).
+k-means (K = 7) on the sentence embeddings of the pool, then a quota of examples per cluster:
+within a cluster, `alpha` of its quota are "easy" examples (closest to the centroid) and the rest
+"hard" (farthest). The paper sweeps this easy/hard mix; alpha = 0.5 is the balanced default here.
+
+`per_cluster` sets the quotas:
+- "paper" (default): the same count A from every cluster, as DEFT-UCS's UCS algorithm samples A
+  per cluster (the DELIFT reference port: A = int(fraction * n / K)). Here A = budget / K so that
+  the subset has the budget's size, like every other selector's: the K * A rounding remainder
+  goes one example each to the largest clusters (ties to the lower index), and a cluster smaller
+  than its share is taken whole, the rest shared equally among the others.
+- "proportional": shares proportional to cluster size (largest remainders get the leftover
+  examples, ties to the lower cluster index).
+Indices returned are positions in the pool (the reference port returned positions inside each
+cluster).
 """
 
 from __future__ import annotations
@@ -19,6 +27,38 @@ from delift.errors import DeliftInputError
 from delift.records import record_text
 from delift.selectors.base import Selection, SelectionContext, Selector, register
 
+PER_CLUSTER = ("paper", "proportional")
+
+
+def _check_budget(sizes: list[int], budget: int) -> None:
+    if not 0 <= budget <= sum(sizes):
+        raise DeliftInputError(f"budget {budget} is not within the pool size {sum(sizes)}", field="selector.fraction")
+
+
+def equal_quotas(sizes, budget: int) -> list[int]:
+    """Split `budget` equally over clusters (DEFT-UCS's A per cluster), taking whole any cluster
+    smaller than its share and sharing what it leaves among the others; the remainder of the
+    division goes one each to the largest clusters (ties to the lower index)."""
+    sizes = [int(s) for s in sizes]
+    _check_budget(sizes, budget)
+    quotas = [0] * len(sizes)
+    open_, left = list(range(len(sizes))), budget
+    while open_:
+        share = left // len(open_)
+        small = [c for c in open_ if sizes[c] <= share]
+        if not small:
+            # Every open cluster holds more than `share`, so share + 1 still fits in each.
+            for c in open_:
+                quotas[c] = share
+            for c in sorted(open_, key=lambda cluster: (-sizes[cluster], cluster))[: left - share * len(open_)]:
+                quotas[c] += 1
+            break
+        for c in small:
+            quotas[c] = sizes[c]
+            left -= sizes[c]
+        open_ = [c for c in open_ if c not in small]
+    return quotas
+
 
 def proportional_quotas(sizes, budget: int) -> list[int]:
     """Split `budget` over clusters in proportion to `sizes` (largest remainders, ties to the lower index).
@@ -27,9 +67,8 @@ def proportional_quotas(sizes, budget: int) -> list[int]:
     is fractional and below s.
     """
     sizes = [int(s) for s in sizes]
+    _check_budget(sizes, budget)
     total = sum(sizes)
-    if not 0 <= budget <= total:
-        raise DeliftInputError(f"budget {budget} is not within the pool size {total}", field="selector.fraction")
     quotas = [budget * s // total for s in sizes]  # integer arithmetic: remainders compare exactly
     by_remainder = sorted(range(len(sizes)), key=lambda c: (-(budget * sizes[c] % total), c))
     for c in by_remainder[: budget - sum(quotas)]:
@@ -51,12 +90,12 @@ def easy_hard_pick(distances: np.ndarray, members: np.ndarray, quota: int, alpha
 
 
 def deft_ucs_select(embeddings: np.ndarray, labels: np.ndarray, centroids: np.ndarray, budget: int,
-                    alpha: float) -> tuple[list[int], dict]:
+                    alpha: float, per_cluster: str = "paper") -> tuple[list[int], dict]:
     """Dataset indices of the core-set, given a clustering; and per-cluster bookkeeping."""
     labels = np.asarray(labels)
     n_clusters = centroids.shape[0]
     sizes = [int((labels == c).sum()) for c in range(n_clusters)]
-    quotas = proportional_quotas(sizes, budget)
+    quotas = (equal_quotas if per_cluster == "paper" else proportional_quotas)(sizes, budget)
     picked, easy_all, hard_all = [], [], []
     for c in range(n_clusters):
         members = np.flatnonzero(labels == c)
@@ -73,17 +112,23 @@ def deft_ucs_select(embeddings: np.ndarray, labels: np.ndarray, centroids: np.nd
 
 @register("deft_ucs")
 class DeftUCSSelector(Selector):
-    """`alpha`: share of each cluster's quota taken from its easy end (the rest from its hard end)."""
+    """`alpha`: share of each cluster's quota taken from its easy end (the rest from its hard end);
+    `per_cluster`: "paper" (equal quotas) or "proportional" (module docstring)."""
 
-    def __init__(self, fraction: float = 0.3, n_clusters: int = 7, alpha: float = 0.5, n_init: int = 10):
+    def __init__(self, fraction: float = 0.3, n_clusters: int = 7, alpha: float = 0.5, n_init: int = 10,
+                 per_cluster: str = "paper"):
         super().__init__(fraction)
         if not 0.0 <= alpha <= 1.0:
             raise DeliftInputError(f"must be in [0, 1], got {alpha}", field="selector.alpha")
         if n_clusters < 1:
             raise DeliftInputError(f"must be at least 1, got {n_clusters}", field="selector.n_clusters")
+        if per_cluster not in PER_CLUSTER:
+            raise DeliftInputError(f"must be one of {list(PER_CLUSTER)}, got {per_cluster!r}",
+                                   field="selector.per_cluster")
         self.n_clusters = int(n_clusters)
         self.alpha = float(alpha)
         self.n_init = int(n_init)
+        self.per_cluster = per_cluster
 
     def select(self, ctx: SelectionContext) -> Selection:
         if ctx.embedder is None:
@@ -92,5 +137,6 @@ class DeftUCSSelector(Selector):
         embeddings = np.asarray(ctx.embedder.encode([record_text(r) for r in ctx.pool]), dtype=np.float64)
         n_clusters = min(self.n_clusters, len(ctx.pool))  # k-means needs at least K points
         kmeans = KMeans(n_clusters=n_clusters, n_init=self.n_init, random_state=ctx.seed).fit(embeddings)
-        indices, info = deft_ucs_select(embeddings, kmeans.labels_, kmeans.cluster_centers_, budget, self.alpha)
+        indices, info = deft_ucs_select(embeddings, kmeans.labels_, kmeans.cluster_centers_, budget, self.alpha,
+                                        self.per_cluster)
         return Selection(indices=indices, info=info | {"n_clusters": n_clusters})

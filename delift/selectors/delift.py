@@ -3,7 +3,9 @@
 DELIFT's kernel is the model's in-context utility UF (delift.utility); DELIFT (SE)'s is the
 cosine of sentence embeddings of whole records, as (cos + 1) / 2. The objective follows the
 stage (instruction -> FL on pool x pool, task -> FLMI with pool x target, continual -> FLCG with
-pool x existing) unless `objective` overrides it (e.g. `fl` everywhere: the paper's ablation).
+pool x existing) unless `objective` overrides it (e.g. `fl` everywhere: the paper's ablation;
+`fl2mi`: target x pool only, since there the targets are what the pool must help). Every kernel
+is built as rows = the examples helped, columns = the demonstrations, as delift.objectives reads it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import scipy.sparse as sp
 
 from delift.embeddings import cosine_kernel01
 from delift.errors import DeliftInputError
-from delift.objectives import maximize
+from delift.objectives import NORMALIZATIONS, maximize
 from delift.records import record_text
 from delift.selectors.base import Selection, SelectionContext, Selector, register
 
@@ -23,19 +25,24 @@ DEVICE_KEYS = ("accelerator", "devices", "strategy", "num_nodes")
 # Kernel config keys that are not compute_kernel arguments.
 PLAN_ONLY_KEYS = ("dry_run",)
 STAGE_OBJECTIVES = {"instruction": "fl", "task": "flmi", "continual": "flcg"}
-POOL_KERNEL_OBJECTIVES = ("fl", "flmi", "flcg")  # FL2MI reads only the pool x target kernel
-# Which second kernel each objective needs, and which role supplies its columns.
+POOL_KERNEL_OBJECTIVES = ("fl", "flmi", "flcg")  # FL2MI reads only the target x pool kernel
+# Which second kernel each objective needs, and which role supplies its columns (FL2MI: its rows,
+# the targets being the examples helped; the pool supplies the other axis).
 SIDE_KERNELS = {"flmi": ("query_kernel", "target"), "fl2mi": ("query_kernel", "target"),
                 "flcg": ("private_kernel", "existing")}
+SIDE_ROWS = ("fl2mi",)
 
 
 class KernelObjectiveSelector(Selector):
     """Greedy maximisation of a submodular objective over kernels that subclasses define."""
 
     def __init__(self, fraction: float = 0.3, objective: str | None = None, eta: float = 1.0, nu: float = 1.0,
-                 backend: str = "ours"):
+                 backend: str = "ours", normalize: str = "joint"):
         super().__init__(fraction)
-        self.objective, self.eta, self.nu, self.backend = objective, eta, nu, backend
+        if normalize not in NORMALIZATIONS:
+            raise DeliftInputError(f"must be one of {list(NORMALIZATIONS)}, got {normalize!r}",
+                                   field="selector.normalize")
+        self.objective, self.eta, self.nu, self.backend, self.normalize = objective, eta, nu, backend, normalize
 
     def pairwise(self, ctx: SelectionContext, rows: list[dict], cols: list[dict] | None,
                  details: dict) -> np.ndarray | sp.csr_matrix:
@@ -57,17 +64,17 @@ class KernelObjectiveSelector(Selector):
             sources["kernel"] = (ctx.pool, None)
         if objective in SIDE_KERNELS:
             name, role = SIDE_KERNELS[objective]
-            columns = getattr(ctx, role)
-            if not columns:
+            side = getattr(ctx, role)
+            if not side:
                 raise DeliftInputError(f"objective {objective} needs the stage's {role} data, which is empty",
                                        field=f"stage.roles.{role}")
-            sources[name] = (ctx.pool, columns)
+            sources[name] = (side, ctx.pool) if objective in SIDE_ROWS else (ctx.pool, side)
         return sources
 
     def kernels(self, ctx: SelectionContext, objective: str) -> tuple[dict, dict[str, float], dict[str, dict]]:
-        """The kernels `objective` needs (pool x pool unless FL2MI, pool x target/existing where it has
-        one; dense arrays or, from approximate engines, CSR matrices), the seconds each took, and
-        what each cost (`details`, per kernel name)."""
+        """The kernels `objective` needs (pool x pool unless FL2MI; pool x target for FLMI, target x
+        pool for FL2MI, pool x existing for FLCG; dense arrays or, from approximate engines, CSR
+        matrices), the seconds each took, and what each cost (`details`, per kernel name)."""
         timings, kernels, details = {}, {"kernel": None}, {}
         for name, (rows, cols) in self.kernel_sources(ctx, objective).items():
             started = time.perf_counter()
@@ -81,9 +88,15 @@ class KernelObjectiveSelector(Selector):
         objective = self.resolve_objective(ctx)
         kernels, timings, details = self.kernels(ctx, objective)
         kernels, normalize = self.similarities(kernels)
+        if not normalize and self.normalize == "separate":
+            raise DeliftInputError("separate min-max needs kernels that the objectives normalise, but these "
+                                   "approximate (sparse) kernels were already scaled jointly by their maximum "
+                                   "(selector.missing=neutral); use selector.missing=bottom or "
+                                   "selector.normalize=joint", field="selector.normalize")
         started = time.perf_counter()
         result = maximize(kernels.pop("kernel"), self.budget(len(ctx.pool)), objective, eta=self.eta, nu=self.nu,
-                          backend=self.backend, progress=ctx.progress, normalize=normalize, **kernels)
+                          backend=self.backend, progress=ctx.progress,
+                          normalize=self.normalize if normalize else False, **kernels)
         timings["greedy"] = round(time.perf_counter() - started, 2)
         info = {"objective": objective, "backend": self.backend, "timings": timings}
         if details:
@@ -106,8 +119,8 @@ class DeliftSelector(KernelObjectiveSelector):
     """DELIFT: the in-context utility kernel of the model being fine-tuned."""
 
     def __init__(self, fraction: float = 0.3, objective: str | None = None, eta: float = 1.0, nu: float = 1.0,
-                 backend: str = "ours", missing: str = "neutral"):
-        super().__init__(fraction, objective, eta, nu, backend)
+                 backend: str = "ours", missing: str = "neutral", normalize: str = "joint"):
+        super().__init__(fraction, objective, eta, nu, backend, normalize)
         self.missing = missing
 
     def similarities(self, kernels):
