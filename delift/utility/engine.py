@@ -15,6 +15,13 @@ teacher forcing, T = response tokens + the closing EOS.
   states and the output head only at the scored positions; the final EOS, which predicts
   nothing, is not fed. Pairs whose tokens merge across the boundary, or that need truncation,
   take the whole-string path (still head-at-scored-positions).
+- Rotary embeddings that depend on the pass's length (Phi-3's LongRoPE switches to its long
+  factors once a pass exceeds `original_max_position_embeddings`, for every position of it): a
+  block cached in a short pass would not match the long pass it joins, and a short sequence
+  padded into a long batch would take the long factors. Pairs past that length take the
+  whole-string path, sequences are batched only with others on the same side of it, and every
+  sequence is fed whole, as the naive oracle feeds it. Dynamic NTK scaling recomputes its
+  frequencies from the longest pass seen so far (order-dependent): sequences past its length are refused.
 """
 
 from __future__ import annotations
@@ -54,6 +61,35 @@ def length_batches(lengths: Sequence, batch_size: int) -> list[list[int]]:
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
+
+
+def rotary_scaling_limit(model) -> tuple[int, str] | None:
+    """(length, rope type) for a model whose rotary frequencies change with the pass's length past
+    `length` tokens (longrope, dynamic NTK); None for fixed rotary embeddings."""
+    config = getattr(model, "config", None)
+    params = getattr(config, "rope_parameters", None) or {}
+    kind = params.get("rope_type") if isinstance(params, dict) else None
+    if kind == "longrope":
+        limit = params.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings")
+        return int(limit), kind
+    if kind and "dynamic" in kind:
+        return int(config.max_position_embeddings), kind
+    return None
+
+
+def _rotary_groups(model, lengths: Sequence[int]) -> list[list[int]]:
+    """Sequence indices that may share a batch: all of them, or (rotary scaling) those up to the
+    model's limit and those past it."""
+    scaling = rotary_scaling_limit(model)
+    if scaling is None:
+        return [list(range(len(lengths)))]
+    limit, kind = scaling
+    longer = [k for k, n in enumerate(lengths) if n > limit]
+    if longer and kind != "longrope":
+        raise DeliftInputError(f"{len(longer)} utility sequence(s) exceed {limit} tokens, past which this model's "
+                               f"{kind} rotary scaling depends on the order of passes; set kernel.max_length <= {limit}",
+                               field="kernel.max_length")
+    return [group for group in ([k for k, n in enumerate(lengths) if n <= limit], longer) if group]
 
 
 class _Batch:
@@ -116,8 +152,13 @@ def sequence_distances(model, sequences: Sequence[ScoredSequence], *, naive: boo
                        on_scored: ProgressHook | None = None) -> np.ndarray:
     """d for each whole sequence. naive: the model's full logits; else decoder + head at targets."""
     out = np.zeros(len(sequences), dtype=np.float32)
-    for index in length_batches([len(s.context) + len(s.targets) for s in sequences], batch_size):
-        batch = _Batch([sequences[k] for k in index], feed_last=naive, pad_id=pad_id, device=_device(model))
+    lengths = [len(s.context) + len(s.targets) for s in sequences]
+    # With length-dependent rotary factors the pass's length matters: feed the last token as the oracle does.
+    feed_last = naive or rotary_scaling_limit(model) is not None
+    batches = [[group[k] for k in index] for group in _rotary_groups(model, lengths)
+               for index in length_batches([lengths[k] for k in group], batch_size)]
+    for index in batches:
+        batch = _Batch([sequences[k] for k in index], feed_last=feed_last, pad_id=pad_id, device=_device(model))
         if naive:
             logits = model(input_ids=batch.ids, attention_mask=batch.mask).logits
             probabilities = _target_probabilities(logits[batch.owner, batch.position], batch.targets)
@@ -278,7 +319,9 @@ def query_distances(model, cached: BlockCache, pairs: Sequence[tuple[int, Scored
         batch = _Batch([pairs[k][1] for k in index], feed_last=False, pad_id=pad_id, device=device)
         cache, block_mask = cached.for_batch(blocks, batch.ids.shape[1])
         block_lengths = block_mask.sum(dim=1, keepdim=True)
-        positions = block_lengths + torch.arange(batch.ids.shape[1], device=device)[None, :]
+        # Padding sits at position 0: masked either way, and then the batch's largest position is a real
+        # token's (length-dependent rotary scaling reads it).
+        positions = (block_lengths + torch.arange(batch.ids.shape[1], device=device)[None, :]) * batch.mask
         hidden = model.get_decoder()(input_ids=batch.ids, attention_mask=torch.cat([block_mask, batch.mask], dim=1),
                                      position_ids=positions, cache=cache, use_cache=True).last_hidden_state
         out[index] = batch.distances(_head_probabilities(model, hidden, batch)).cpu().numpy()
@@ -305,6 +348,8 @@ def one_shot_distances(model, inputs: UtilityInputs, rows: Sequence[int], cols: 
         whole = np.argwhere(wanted)
     else:
         direct = wanted & inputs.boundary_safe(rows, cols) & inputs.fits(rows, cols)
+        if (scaling := rotary_scaling_limit(model)) is not None:  # a cached short block would keep short factors
+            direct &= inputs.pair_lengths(rows, cols) <= scaling[0]
         direct[:, [len(inputs.demo[j]) == 0 for j in cols]] = False
         whole = np.argwhere(wanted & ~direct)
         pairs = np.argwhere(direct)

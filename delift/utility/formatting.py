@@ -267,6 +267,13 @@ class UtilityInputs:
         demo = np.array([len(self.demo[j]) for j in cols])
         return query[:, None] + demo[None, :] <= 0
 
+    def pair_lengths(self, rows: Sequence[int], cols: Sequence[int]) -> np.ndarray:
+        """(len(rows), len(cols)) tokens of each one-shot sequence (block, query, EOS, response, EOS),
+        from the part tokens (a pair merged across the boundary may differ by a token)."""
+        query = np.array([len(self.query[i]) + 1 + len(self.targets[i]) for i in rows])
+        demo = np.array([len(self.demo[j]) for j in cols])
+        return query[:, None] + demo[None, :]
+
     def boundary_safe(self, rows: Sequence[int], cols: Sequence[int]) -> np.ndarray:
         """(len(rows), len(cols)) bool: block tokens + query tokens == tokens of the whole prompt.
 
