@@ -186,7 +186,7 @@ def prepare_for_training(model, gradient_checkpointing: bool = False):
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                gradient_checkpointing_kwargs=checkpointing)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
     return model
 
 

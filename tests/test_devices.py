@@ -185,7 +185,7 @@ def test_gradient_checkpointing_trains_the_same_adapter(smollm2_spec, toy_record
                           optim={"lr": 1e-2, "epochs": 1, "batch_size": 2, "max_length": 64},
                           trainer_options={"enable_progress_bar": False}, output_dir=tmp_path / str(checkpointing),
                           gradient_checkpointing=checkpointing)
-        assert loaded.model.is_gradient_checkpointing == checkpointing
+        assert loaded.model.is_activation_checkpointing == checkpointing
         return {n: p.detach().clone() for n, p in result.model.named_parameters() if "lora_" in n}
 
     plain, checkpointed = adapter(False), adapter(True)
