@@ -10,6 +10,7 @@ parameter name and the epoch's mean learning rate: what LESS needs.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,11 +89,21 @@ class EpochSeededShuffle(Sampler):
         return -(-self.n // self.world)
 
 
+SCHEDULES = ("constant", "linear")
+
+
 class LoRAFineTuner(L.LightningModule):
-    def __init__(self, model, *, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8):
+    def __init__(self, model, *, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8,
+                 schedule: str = "constant", warmup_ratio: float = 0.0):
         super().__init__()
+        if schedule not in SCHEDULES:
+            raise DeliftInputError(f"unknown schedule {schedule!r}; choose one of {list(SCHEDULES)}",
+                                   field="train.optim.schedule")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise DeliftInputError(f"must be in [0, 1), got {warmup_ratio}", field="train.optim.warmup_ratio")
         self.model = model
         self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, tuple(betas), eps
+        self.schedule, self.warmup_ratio = schedule, warmup_ratio
         self.strict_loading = False  # checkpoints hold the adapter only
 
     def training_step(self, batch, batch_idx):
@@ -108,8 +119,18 @@ class LoRAFineTuner(L.LightningModule):
 
     def configure_optimizers(self):
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(trainable, lr=self.lr, betas=self.betas, eps=self.eps,
-                                 weight_decay=self.weight_decay)
+        optimizer = torch.optim.AdamW(trainable, lr=self.lr, betas=self.betas, eps=self.eps,
+                                      weight_decay=self.weight_decay)
+        if self.schedule == "constant" and self.warmup_ratio == 0.0:
+            return optimizer
+        from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
+
+        # As HF's Trainer: ceil(warmup_ratio x optimizer steps) of linear warm-up, then constant or linear decay to 0.
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = math.ceil(self.warmup_ratio * total)
+        scheduler = (get_linear_schedule_with_warmup(optimizer, warmup, total) if self.schedule == "linear"
+                     else get_constant_schedule_with_warmup(optimizer, warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_start(self):
         self.on_train_epoch_start()  # a run resumed mid-epoch gets no epoch-start hook for that epoch
@@ -198,7 +219,8 @@ def finetune(loaded, records: list[dict], *, lora: dict, optim: dict, trainer_op
     device the model was on (Lightning's teardown would leave it on CPU).
 
     `lora`: r, alpha, dropout, target_modules. `optim`: lr, epochs, batch_size (the global batch:
-    under DDP each of N ranks takes batch_size / N), max_length, weight_decay, grad_accum.
+    under DDP each of N ranks takes batch_size / N), max_length, weight_decay, grad_accum, schedule
+    (constant | linear decay to 0) and warmup_ratio (linear warm-up over that share of the steps).
     `trainer_options`: Lightning Trainer arguments (delift.devices.trainer_arguments: accelerator and
     precision `auto` follow the model's device). With `resume=True` training continues from
     `output_dir/checkpoints/last.ckpt` if it exists; that checkpoint (adapter + optimizer) is written
@@ -239,7 +261,8 @@ def finetune(loaded, records: list[dict], *, lora: dict, optim: dict, trainer_op
     loader = DataLoader(examples, batch_size=optim["batch_size"] // trainer.world_size, sampler=sampler,
                         collate_fn=lambda batch: collate(batch, tokenizer.pad_token_id))
     model.train()
-    module = LoRAFineTuner(model, lr=optim["lr"], weight_decay=optim.get("weight_decay", 0.0))
+    module = LoRAFineTuner(model, lr=optim["lr"], weight_decay=optim.get("weight_decay", 0.0),
+                           schedule=optim.get("schedule", "constant"), warmup_ratio=optim.get("warmup_ratio", 0.0))
     last = output_dir / "checkpoints" / "last.ckpt"
     with kept_in_place(model):
         trainer.fit(module, loader, ckpt_path=str(last) if resume and last.exists() else None, weights_only=True)

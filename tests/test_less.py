@@ -209,4 +209,4 @@ def test_less_paper_config_has_less_own_warmup(tmp_path):
     assert lora == {"r": 128, "alpha": 512, "dropout": 0.1,
                     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj"]}
     assert optim == {"lr": 2e-5, "batch_size": 1, "grad_accum": 32, "max_length": 2048, "weight_decay": 0.0,
-                     "epochs": 4}
+                     "schedule": "linear", "warmup_ratio": 0.03, "epochs": 4}

@@ -87,3 +87,25 @@ def test_batched_greedy_generation_equals_one_at_a_time(tiny_qwen2):
               for p in prompts]
     assert batched == single
     assert all(isinstance(text, str) for text in batched)
+
+
+def test_linear_schedule_with_warmup_as_hf_trainer(smollm2_spec, toy_records, tmp_path):
+    """6 records, batch 2, 3 epochs: 9 optimizer steps; warm-up ceil(0.2 x 9) = 2 steps (factors 0, 1/2),
+    then linear decay (9 - k) / 7 for steps k = 2..8. Each epoch's mean lr is what LESS weights by."""
+    result = finetune(_fresh_tiny(smollm2_spec), toy_records, lora=LORA,
+                      optim={"lr": 5e-3, "epochs": 3, "batch_size": 2, "max_length": 128, "schedule": "linear",
+                             "warmup_ratio": 0.2},
+                      trainer_options={"enable_progress_bar": False, "accelerator": "cpu"},
+                      output_dir=tmp_path, seed=0, save_epoch_checkpoints=True)
+    factors = [(0 + 1 / 2 + 7 / 7) / 3, (6 / 7 + 5 / 7 + 4 / 7) / 3, (3 / 7 + 2 / 7 + 1 / 7) / 3]
+    assert result.epoch_lrs == pytest.approx([5e-3 * f for f in factors])
+
+
+def test_an_unknown_schedule_names_the_field(smollm2_spec, toy_records, tmp_path):
+    from delift.errors import DeliftInputError
+
+    with pytest.raises(DeliftInputError) as err:
+        finetune(_fresh_tiny(smollm2_spec), toy_records, lora=LORA,
+                 optim={"lr": 5e-3, "epochs": 1, "batch_size": 2, "max_length": 128, "schedule": "cosine"},
+                 output_dir=tmp_path)
+    assert err.value.field == "train.optim.schedule"
