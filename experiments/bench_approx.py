@@ -3,7 +3,7 @@
     python experiments/bench_approx.py --n 128 --knn-k 2 4 8 --proxy-rows 0.1 0.15 0.2 0.25
 
 The first n records of a fixed, seeded 200-record mix of the offline trivia, MMLU and GSM8K pools
-(`mixed_sample`; n <= 200 gives nested record sets, so exact tiles of a smaller n are tiles of a larger), the
+(`mixed_sample`; n <= 200 gives nested record sets, but each n has its own kernel cache: the key hashes every record), the
 offline SmolLM2-135M-Instruct in fp32. The exact n x n kernel (engine fast) is computed once into
 the shared content-hashed tile cache (about an hour at n = 200 here; a killed run resumes from its
 tiles). Then each approximation, timed: knn at each k (exact utilities of each row's k nearest
