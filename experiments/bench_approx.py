@@ -5,7 +5,7 @@
 The first n records of a fixed, seeded 200-record mix of the offline trivia, MMLU and GSM8K pools
 (`mixed_sample`; n <= 200 gives nested record sets, but each n has its own kernel cache: the key hashes every record), the
 offline SmolLM2-135M-Instruct in fp32. The exact n x n kernel (engine fast) is computed once into
-the shared content-hashed tile cache (about an hour at n = 200 here; a killed run resumes from its
+the shared content-hashed tile cache (2-3 hours at n = 200 on 2 quiet cores; a killed run resumes from its
 tiles). Then each approximation, timed: knn at each k (exact utilities of each row's k nearest
 columns), proxy at each sampled-row fraction (the candidate pairs of those rows + 8 random columns
 each are scored exactly, an MLP predicts each row's `--proxy-k` candidates), and DELIFT (SE) (the
