@@ -206,12 +206,11 @@ def run(cfg: DictConfig) -> dict:
                                  use_chat_template=cfg.train.use_chat_template, resume=cfg.resume,
                                  checkpoint_every_n_steps=cfg.train.checkpoint_every_n_steps,
                                  gradient_checkpointing=bool(cfg.train.get("gradient_checkpointing"))).model
-        if not writes:
-            return {"rank_zero": False}
-        with _timed(timings, "evaluate_finetune"):
-            metrics_by_mode["finetune"], ft_rows = evaluate(model, loaded.tokenizer, stage.eval, ctx.embedder,
-                                                            **evaluate_options)
-        rows += [{"mode": "finetune", **row} for row in ft_rows]
+        if writes:
+            with _timed(timings, "evaluate_finetune"):
+                metrics_by_mode["finetune"], ft_rows = evaluate(model, loaded.tokenizer, stage.eval, ctx.embedder,
+                                                                **evaluate_options)
+            rows += [{"mode": "finetune", **row} for row in ft_rows]
     if not writes:
         return {"rank_zero": False}
     save_jsonl(output_dir / "predictions.jsonl", rows)

@@ -77,10 +77,9 @@ def rotary_scaling_limit(model) -> tuple[int, str] | None:
     return None
 
 
-def _rotary_groups(model, lengths: Sequence[int]) -> list[list[int]]:
-    """Sequence indices that may share a batch: all of them, or (rotary scaling) those up to the
-    model's limit and those past it."""
-    scaling = rotary_scaling_limit(model)
+def _rotary_groups(scaling: tuple[int, str] | None, lengths: Sequence[int]) -> list[list[int]]:
+    """Sequence indices that may share a batch: all of them, or (rotary `scaling`, see
+    `rotary_scaling_limit`) those up to the model's limit and those past it."""
     if scaling is None:
         return [list(range(len(lengths)))]
     limit, kind = scaling
@@ -153,9 +152,10 @@ def sequence_distances(model, sequences: Sequence[ScoredSequence], *, naive: boo
     """d for each whole sequence. naive: the model's full logits; else decoder + head at targets."""
     out = np.zeros(len(sequences), dtype=np.float32)
     lengths = [len(s.context) + len(s.targets) for s in sequences]
+    scaling = rotary_scaling_limit(model)
     # With length-dependent rotary factors the pass's length matters: feed the last token as the oracle does.
-    feed_last = naive or rotary_scaling_limit(model) is not None
-    batches = [[group[k] for k in index] for group in _rotary_groups(model, lengths)
+    feed_last = naive or scaling is not None
+    batches = [[group[k] for k in index] for group in _rotary_groups(scaling, lengths)
                for index in length_batches([lengths[k] for k in group], batch_size)]
     for index in batches:
         batch = _Batch([sequences[k] for k in index], feed_last=feed_last, pad_id=pad_id, device=_device(model))
