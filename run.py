@@ -1,47 +1,6 @@
-"""delift's entry point: `python run.py [group=option ...] [key=value ...]` (see README)."""
+"""`python run.py [group=option ...] [key=value ...]`: the same as the `delift` command (see README)."""
 
-import logging
-import os
-import sys
-
-import hydra
-from omegaconf import DictConfig
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("WANDB_SILENT", "true")
-# Spin-waiting OpenMP threads slow PyTorch many times over when another job shares the cores.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-log = logging.getLogger("delift")
-
-
-def _input_error(err: BaseException):
-    """The DeliftInputError behind `err`, if any (Hydra wraps errors raised while instantiating)."""
-    from delift.errors import DeliftInputError
-
-    while err is not None:
-        if isinstance(err, DeliftInputError):
-            return err
-        err = err.__cause__ or err.__context__
-    return None
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float | None:
-    from delift.pipeline import results_table, run
-
-    try:
-        results = run(cfg)
-    except Exception as err:  # noqa: BLE001 - bad input becomes one line and exit 2; the rest re-raises
-        problem = _input_error(err)
-        if problem is None:
-            raise
-        print(f"delift: error: {problem}", file=sys.stderr)
-        sys.exit(2)
-    if results.get("rank_zero") is False:  # a DDP rank other than 0: rank 0 reports
-        return None
-    print(results_table(results))
-    return results.get("metrics", {}).get(cfg.get("optimized_metric", "rouge1"))
-
+from delift.cli import main
 
 if __name__ == "__main__":
     main()

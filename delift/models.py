@@ -1,6 +1,6 @@
 """Model specs: small config objects that load a causal LM and its tokenizer on demand.
 
-A spec is what Hydra instantiates from `conf/model/*.yaml`; loading is lazy so that selectors
+A spec is what Hydra instantiates from `delift/conf/model/*.yaml`; loading is lazy so that selectors
 which need no model (random, full) never pay for one. `identity()` is what cache keys hash.
 """
 

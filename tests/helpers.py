@@ -26,7 +26,7 @@ class SeededEmbedder:
         vectors = np.stack([np.random.default_rng(sum(map(ord, t))).standard_normal(8) for t in texts])
         return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "delift" / "conf")
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -26,7 +26,7 @@ from delift.errors import DeliftInputError
 from delift.records import record_prompt
 import fixtures_hub as hub  # tests/ is on sys.path (rootdir conftest, no __init__)
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "delift" / "conf"
 
 
 # ---------------------------------------------------------------- user files

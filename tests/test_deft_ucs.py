@@ -15,6 +15,7 @@ from delift.errors import DeliftInputError
 from delift.records import make_record
 from delift.selectors import SELECTORS, SelectionContext
 from delift.selectors.deft_ucs import DeftUCSSelector, deft_ucs_select, equal_quotas, proportional_quotas
+from tests.helpers import CONF_DIR
 
 
 def test_quotas_are_proportional_with_deterministic_remainders():
@@ -145,7 +146,7 @@ def test_runs_on_real_embeddings_and_needs_an_embedder(toy_records, tmp_path):
 
 
 def test_config_file_instantiates_the_selector():
-    selector = instantiate(OmegaConf.load(Path(__file__).parents[1] / "conf" / "selector" / "deft_ucs.yaml"))
+    selector = instantiate(OmegaConf.load(Path(CONF_DIR) / "selector" / "deft_ucs.yaml"))
     assert isinstance(selector, DeftUCSSelector)
     assert selector.fraction == 0.3 and selector.n_clusters == 7 and selector.alpha == 0.5
     assert selector.per_cluster == "paper"

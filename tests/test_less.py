@@ -32,7 +32,7 @@ from delift.selectors.less import (
     target_subtasks,
 )
 import fixtures_hub as hub  # tests/ is on sys.path (rootdir conftest, no __init__)
-from tests.helpers import compose_config
+from tests.helpers import CONF_DIR, compose_config
 
 
 def test_projection_is_seeded_and_blockwise_equals_full():
@@ -197,7 +197,7 @@ def test_warmup_subset_is_a_seeded_five_percent():
 
 
 def test_config_file_instantiates_the_selector():
-    selector = instantiate(OmegaConf.load(Path(__file__).parents[1] / "conf" / "selector" / "less.yaml"))
+    selector = instantiate(OmegaConf.load(Path(CONF_DIR) / "selector" / "less.yaml"))
     assert isinstance(selector, LESSSelector)
     assert selector.fraction == 0.3 and selector.warmup_fraction == 0.05 and selector.projection_dim == 8192
 

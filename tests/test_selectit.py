@@ -223,7 +223,7 @@ def test_real_model_puts_probability_on_the_score_tokens(smollm2):
 
 
 def test_config_file_instantiates_the_selector():
-    selector = instantiate(OmegaConf.load(Path(__file__).parents[1] / "conf" / "selector" / "selectit.yaml"))
+    selector = instantiate(OmegaConf.load(Path(CONF_DIR) / "selector" / "selectit.yaml"))
     assert isinstance(selector, SelectITSelector)
     assert selector.fraction == 0.3 and selector.alpha == 0.2 and selector.use_chat_template is False
     assert selector.rating_prompts == list(RATING_PROMPTS["original"]) and selector.layout == "original"

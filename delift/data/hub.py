@@ -207,7 +207,7 @@ def load_hub(path: str, name: str | None = None, split: str = "train", revision:
                                      cache_dir=cache_dir)
     except (FileNotFoundError, ConnectionError, ValueError, datasets.exceptions.DatasetsError) as err:
         raise DeliftInputError(f"cannot load the hub dataset ({type(err).__name__}: {str(err).splitlines()[0]}); "
-                               "offline, use a packaged dataset (conf/dataset/*_offline.yaml) or a file",
+                               "offline, use a packaged dataset (delift/conf/dataset/*_offline.yaml) or a file",
                                file=where) from err
     if limit is not None:
         rows = rows.select(range(min(limit, len(rows))))

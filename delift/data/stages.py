@@ -1,6 +1,6 @@
 """The stage builder: which data plays which role in one fine-tuning stage.
 
-A stage config (conf/stage/*.yaml) names, per role, a mapping source name -> dataset config:
+A stage config (delift/conf/stage/*.yaml) names, per role, a mapping source name -> dataset config:
 
     roles:    {pool: {trivia: <dataset cfg>, ...}, target: {...}, existing: {...}, eval: {...}}
     sizes:    {pool: {trivia: 36, ...}, ...}       # per-source caps: a seeded sample of that many rows

@@ -1,4 +1,4 @@
-"""Selectors behind one registry: `SELECTORS[name]`, or `_target_` in conf/selector/*.yaml."""
+"""Selectors behind one registry: `SELECTORS[name]`, or `_target_` in delift/conf/selector/*.yaml."""
 
 from delift.selectors.base import SELECTORS, Selection, SelectionContext, Selector, budget_for, register
 from delift.selectors import deft_ucs, less, selectit, simple  # noqa: F401  (each module registers its selectors)
