@@ -22,6 +22,7 @@ from delift.errors import DeliftInputError
 from delift.evaluation import evaluate
 from delift.icl import nearest_demonstrations
 from delift.selectors import SelectionContext
+from delift.tracking import Tracker, start_tracker
 from delift.training import finetune
 
 log = logging.getLogger(__name__)
@@ -31,10 +32,11 @@ RUN_DEPENDENT_INFO = ("timings", "kernel_report")
 
 
 @contextmanager
-def _timed(timings: dict, name: str):
+def _timed(timings: dict, name: str, tracker: Tracker):
     started = time.perf_counter()
     yield
     timings[name] = round(time.perf_counter() - started, 2)
+    tracker.log_timings({name: timings[name]})  # as each step ends: a job that dies later keeps them
 
 
 def _container(node) -> dict:
@@ -64,11 +66,11 @@ def write_selection(output_dir: Path, selection, selector, stage, budget: int | 
     save_jsonl(output_dir / "subset.jsonl", [stage.pool[i] for i in selection.indices])
 
 
-def compute_kernels(selector, ctx: SelectionContext, output_dir: Path, timings: dict, dry_run: bool = False) -> dict:
+def compute_kernels(selector, ctx: SelectionContext, output_dir: Path, timings: dict, tracker: Tracker,
+                    dry_run: bool = False) -> dict:
     """`task=kernel`: compute (and cache) the kernels the selector's objective needs, and plot them;
     with `dry_run`, only plan them and estimate their time (plan.json); with `kernel.shard`, only
     that shard's tiles of each (results.json lists them per kernel). Under DDP rank 0 writes."""
-    from delift.plots import plot_kernel
     from delift.selectors.delift import DeliftSelector, KernelObjectiveSelector
 
     if not isinstance(selector, KernelObjectiveSelector):
@@ -80,14 +82,14 @@ def compute_kernels(selector, ctx: SelectionContext, output_dir: Path, timings: 
             raise DeliftInputError("kernel.dry_run plans the model's utility kernel: use selector=delift",
                                    field="kernel.dry_run")
         return plan_kernels(selector, ctx, objective, output_dir)
-    with _timed(timings, "kernel"):
+    with _timed(timings, "kernel", tracker):
         kernels, _, details = selector.kernels(ctx, objective)
     if not is_global_zero():  # under DDP every rank computed its share of the tiles; rank 0 writes
         return {"rank_zero": False}
+    tracker.log_kernels(kernels, details, title_prefix=selector.name, stage=ctx.stage)
     summary = {}
     for name, kernel in kernels.items():
         if kernel is not None:
-            plot_kernel(kernel, output_dir / f"{name}.png", title=f"{selector.name} {name} ({ctx.stage})")
             summary[name] = kernel_summary(kernel) | ({"details": details[name]} if name in details else {})
         elif "shard" in details.get(name, {}):  # kernel.shard: its tiles are in the cache, no kernel to describe
             summary[name] = {"details": details[name]}
@@ -142,13 +144,25 @@ def run(cfg: DictConfig) -> dict:
     if writes:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    # The logger's run starts with the job: kernel and selection timings and failures land in it too.
+    tracker = start_tracker(cfg, output_dir) if writes else Tracker()
+    try:
+        results = _run_job(cfg, output_dir, writes, tracker)
+    except BaseException:
+        tracker.close(failed=True)
+        raise
+    tracker.close(failed=False)
+    return results
+
+
+def _run_job(cfg: DictConfig, output_dir: Path, writes: bool, tracker: Tracker) -> dict:
     timings: dict[str, float] = {}
     started = time.perf_counter()
     import lightning as L
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    with _timed(timings, "load_data"):
+    with _timed(timings, "load_data", tracker):
         stage = build_stage(cfg.stage, cfg.seed)
     selector = instantiate(cfg.selector)
     ctx = selection_context(cfg, stage, output_dir)
@@ -156,15 +170,19 @@ def run(cfg: DictConfig) -> dict:
              len(stage.existing), len(stage.eval))
 
     if cfg.task == "kernel":
-        return compute_kernels(selector, ctx, output_dir, timings, dry_run=bool(cfg.kernel.get("dry_run")))
+        return compute_kernels(selector, ctx, output_dir, timings, tracker, dry_run=bool(cfg.kernel.get("dry_run")))
 
     budget = selector.budget(len(stage.pool)) if selector.trains else 0
-    with _timed(timings, "select"):
+    with _timed(timings, "select", tracker):
         selection = selector.select(ctx)
-    timings.update({f"select/{k}": v for k, v in selection.info.get("timings", {}).items()})
+    select_steps = {f"select/{k}": v for k, v in selection.info.get("timings", {}).items()}
+    timings.update(select_steps)
+    tracker.log_timings(select_steps)
     kernel_report = selection.info.get("kernel_report")
     if writes:
         write_selection(output_dir, selection, selector, stage, budget, cfg.seed)
+        tracker.log_selection(selection, stage, selector)
+    selection.kernels.clear()  # plotted and logged; fine-tuning has better use for the memory
     log.info("Selected %d of %d with %s", len(selection.indices), len(stage.pool), selector.name)
     results = {"stage": stage.name, "selector": selector.name, "model": ctx.model_spec.name,
                "n_pool": len(stage.pool), "n_selected": len(selection.indices), "seed": cfg.seed,
@@ -177,9 +195,6 @@ def run(cfg: DictConfig) -> dict:
             save_json(output_dir / "results.json", results)
         return results
 
-    logger = instantiate(cfg.logger) if cfg.get("logger") and writes else False
-    if logger:
-        logger.log_hyperparams(_container(cfg))
     judge = instantiate(cfg.judge) if cfg.get("judge") else None
     loaded = ctx.model
     subset = [stage.pool[i] for i in selection.indices]
@@ -190,7 +205,7 @@ def run(cfg: DictConfig) -> dict:
     # ICL first: it prompts the base model, which fine-tuning then adapts in place.
     if "icl" in eval_modes(cfg.eval.mode) and writes:
         demonstrations = nearest_demonstrations(stage.eval, subset, ctx.embedder, cfg.eval.icl_k)
-        with _timed(timings, "evaluate_icl"):
+        with _timed(timings, "evaluate_icl", tracker):
             metrics_by_mode["icl"], icl_rows = evaluate(loaded.model, loaded.tokenizer, stage.eval, ctx.embedder,
                                                         demonstrations=demonstrations, **evaluate_options)
         rows += [{"mode": "icl", **row} for row in icl_rows]
@@ -199,15 +214,18 @@ def run(cfg: DictConfig) -> dict:
         if selector.trains:
             if cfg.train.get("mix_existing") and stage.existing:
                 subset = subset + list(stage.existing)
-            with _timed(timings, "finetune"):
-                model = finetune(loaded, subset, lora=_container(cfg.train.lora),
+            with _timed(timings, "finetune", tracker):
+                tuned = finetune(loaded, subset, lora=_container(cfg.train.lora),
                                  optim=_container(cfg.train.optim), trainer_options=_container(cfg.trainer),
-                                 output_dir=output_dir, seed=cfg.seed, logger=logger,
+                                 output_dir=output_dir, seed=cfg.seed, logger=tracker.logger or False,
                                  use_chat_template=cfg.train.use_chat_template, resume=cfg.resume,
                                  checkpoint_every_n_steps=cfg.train.checkpoint_every_n_steps,
-                                 gradient_checkpointing=bool(cfg.train.get("gradient_checkpointing"))).model
+                                 gradient_checkpointing=bool(cfg.train.get("gradient_checkpointing")))
+            model = tuned.model
+            if writes:
+                tracker.log_adapter(tuned.adapter_dir)
         if writes:
-            with _timed(timings, "evaluate_finetune"):
+            with _timed(timings, "evaluate_finetune", tracker):
                 metrics_by_mode["finetune"], ft_rows = evaluate(model, loaded.tokenizer, stage.eval, ctx.embedder,
                                                                 **evaluate_options)
             rows += [{"mode": "finetune", **row} for row in ft_rows]
@@ -215,14 +233,14 @@ def run(cfg: DictConfig) -> dict:
         return {"rank_zero": False}
     save_jsonl(output_dir / "predictions.jsonl", rows)
     timings["total"] = round(time.perf_counter() - started, 2)
+    tracker.log_timings({"total": timings["total"]})
     primary = "finetune" if "finetune" in metrics_by_mode else "icl"
     results |= {"metrics": metrics_by_mode[primary], "metrics_by_mode": metrics_by_mode,
                 "judge": {"name": judge.name, "stand_in": judge.stand_in,
                           "method": "feedback" if judge.feedback else "direct"} if judge else None,
                 "embedder": ctx.embedder.name, "timings": timings}
     save_json(output_dir / "results.json", results)
-    if logger:
-        log_to_logger(logger, metrics_by_mode, rows, kernel_report)
+    tracker.log_evaluation(metrics_by_mode, rows)
     return results
 
 
@@ -254,31 +272,6 @@ def eval_modes(mode: str) -> tuple[str, ...]:
     if mode not in modes:
         raise DeliftInputError(f"unknown mode {mode!r}; choose one of {sorted(modes)}", field="eval.mode")
     return modes[mode]
-
-
-def log_to_logger(logger, metrics_by_mode: dict, rows: list[dict], kernel_report: dict | None = None) -> None:
-    """Metrics (and what the kernels cost, the proxy's held-out error) and the predictions table to
-    the experiment logger; closes the run."""
-    logger.log_metrics({f"eval/{mode}/{k}": v for mode, metrics in metrics_by_mode.items()
-                        for k, v in metrics.items()} | kernel_metrics(kernel_report or {}))
-    if hasattr(logger, "log_table"):
-        columns = ["mode", "id", "prediction", "reference", "rouge1", "embed_sim"]
-        logger.log_table("predictions", columns=columns, data=[[r[c] for c in columns] for r in rows])
-    logger.finalize("success")
-    if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
-        logger.experiment.finish()  # one W&B run per job, also inside a multirun
-
-
-def kernel_metrics(kernel_report: dict) -> dict:
-    """Numbers of a selector's kernel report as flat logger metrics (kernel/<name>/<key>)."""
-    out = {}
-    for name, details in kernel_report.items():
-        for key, value in details.items():
-            if key == "proxy":
-                out |= {f"kernel/{name}/proxy_{k}": v for k, v in value.items() if isinstance(v, (int, float))}
-            elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                out[f"kernel/{name}/{key}"] = value
-    return out
 
 
 def results_table(results: dict) -> str:

@@ -78,6 +78,9 @@ class Selection:
     scores: list[float] | None = None  # per selected index, in order: gains or scores
     objective_value: float | None = None
     info: dict = field(default_factory=dict)
+    # The raw kernels the objective read, by name (kernel selectors): for the run's plots and kernel
+    # artifact, never written to selection.json.
+    kernels: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 class Selector:

@@ -87,6 +87,7 @@ class KernelObjectiveSelector(Selector):
     def select(self, ctx: SelectionContext) -> Selection:
         objective = self.resolve_objective(ctx)
         kernels, timings, details = self.kernels(ctx, objective)
+        raw = {name: kernel for name, kernel in kernels.items() if kernel is not None}
         kernels, normalize = self.similarities(kernels)
         if not normalize and self.normalize == "separate":
             raise DeliftInputError("separate min-max needs kernels that the objectives normalise, but these "
@@ -103,7 +104,7 @@ class KernelObjectiveSelector(Selector):
             info["kernel"] = self.kernel_label(ctx)
             info["kernel_report"] = details  # passes and the proxy's held-out error: results.json, not selection.json
         return Selection(indices=list(result.indices), scores=[float(g) for g in result.gains],
-                         objective_value=float(result.value), info=info)
+                         objective_value=float(result.value), info=info, kernels=raw)
 
     def kernel_label(self, ctx: SelectionContext) -> dict:
         """Which kernel the selection used: for selection.json (no timings, nothing run-dependent)."""
