@@ -13,6 +13,27 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 log = logging.getLogger("delift")
 
+# Third-party lines a delift run has no use for: advertisements, import chatter, deprecations users cannot act on.
+QUIET_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero", "faiss.loader",
+                 "absl")
+QUIET_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's own use of torch's pytree
+                  r"`is_gradient_checkpointing` is deprecated")  # peft reading the transformers attribute
+
+
+def quiet_logs() -> None:
+    """Each message once, in Hydra's format and log file; no third-party chatter in a default run."""
+    import warnings
+
+    import lightning  # noqa: F401 - its import adds a console handler of its own and resets levels: undone below
+
+    # Hydra's root handlers already print and file every record the `lightning` loggers propagate.
+    for handler in list(logging.getLogger("lightning").handlers):
+        logging.getLogger("lightning").removeHandler(handler)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
 
 def _input_error(err: BaseException):
     """The DeliftInputError behind `err`, if any (Hydra wraps errors raised while instantiating)."""
@@ -27,9 +48,13 @@ def _input_error(err: BaseException):
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from delift.pipeline import results_table, run
+    from delift.config import validate
 
+    quiet_logs()
     try:
+        validate(cfg)  # before anything loads: a bad value costs seconds, not a kernel
+        from delift.pipeline import results_table, run
+
         results = run(cfg)
     except Exception as err:  # noqa: BLE001 - bad input becomes one line and exit 2; the rest re-raises
         problem = _input_error(err)

@@ -92,6 +92,28 @@ def trainer_arguments(options: dict | None, device: torch.device, *, inference: 
     return options
 
 
+def _built(value):
+    """A config value with its `_target_` nodes (a callback, a profiler, a plugin) instantiated."""
+    from hydra.utils import instantiate
+
+    if isinstance(value, dict) and "_target_" in value:
+        return instantiate(value)
+    if isinstance(value, (list, tuple)):
+        return [_built(item) for item in value]
+    return value
+
+
+def build_trainer(options: dict, **arguments):
+    """The configured Trainer class (`_target_`, default Lightning's) from `trainer_arguments` output and
+    delift's own `arguments`: the configured callbacks first, then delift's."""
+    from hydra.utils import get_class
+
+    options = {key: _built(value) for key, value in options.items()}
+    trainer_class = get_class(options.pop("_target_", "lightning.pytorch.Trainer"))
+    callbacks = list(options.pop("callbacks", None) or []) + list(arguments.pop("callbacks", None) or [])
+    return trainer_class(**options, **arguments, callbacks=callbacks)
+
+
 def process_count(options: dict) -> int:
     """How many processes a Trainer with these arguments runs (devices x nodes)."""
     devices = options.get("devices", 1)

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+from typing import Literal, get_args
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from delift.cache import save_jsonl
 from delift.errors import DeliftInputError
 from delift.records import record_prompt
 
-EXPORT_FORMATS = ("hf", "chat")
+ExportFormat = Literal["hf", "chat"]
+EXPORT_FORMATS = get_args(ExportFormat)
 HF_FOLDER = "subset_hf"
 CHAT_FILE = "subset_chat.jsonl"
 TEXT_COLUMNS = ("id", "instruction", "input", "output", "source")

@@ -116,6 +116,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import scipy.sparse
@@ -125,9 +126,11 @@ from delift.errors import DeliftInputError
 
 log = logging.getLogger(__name__)
 
-OBJECTIVES = ("fl", "flmi", "fl2mi", "flcg")
-BACKENDS = ("ours", "submodlib")
-NORMALIZATIONS = ("joint", "separate")
+Objective = Literal["fl", "flmi", "fl2mi", "flcg"]
+Backend = Literal["ours", "submodlib"]
+Normalization = Literal["joint", "separate"]
+Missing = Literal["neutral", "bottom"]  # how an approximate (sparse) kernel's unmeasured pair is read
+OBJECTIVES, BACKENDS, NORMALIZATIONS = get_args(Objective), get_args(Backend), get_args(Normalization)
 
 # Which kernels each objective reads.
 _KERNELS_READ = {

@@ -20,7 +20,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Sampler
 
-from delift.devices import is_quantized, kept_in_place, model_device, trainer_arguments
+from delift.devices import build_trainer, is_quantized, kept_in_place, model_device, trainer_arguments
 from delift.errors import DeliftInputError
 from delift.prompts import format_prompt
 
@@ -249,11 +249,10 @@ def finetune(loaded, records: list[dict], *, lora: dict, optim: dict, trainer_op
         callbacks.append(epoch_checkpoints)
     options = {"devices": 1, "enable_model_summary": False, "log_every_n_steps": 1} | trainer_arguments(
         trainer_options, model_device(model))
-    callbacks += list(options.pop("callbacks", None) or [])
     # The sampler shards the data itself (Lightning's distributed sampler would not pass epochs on to it).
-    trainer = L.Trainer(max_epochs=optim["epochs"], accumulate_grad_batches=optim.get("grad_accum", 1),
-                        logger=logger, callbacks=callbacks, default_root_dir=output_dir,
-                        use_distributed_sampler=False, **options)
+    trainer = build_trainer(options, max_epochs=optim["epochs"], accumulate_grad_batches=optim.get("grad_accum", 1),
+                            logger=logger, callbacks=callbacks, default_root_dir=output_dir,
+                            use_distributed_sampler=False)
     if optim["batch_size"] % trainer.world_size:
         raise DeliftInputError(f"the batch of {optim['batch_size']} is split over {trainer.world_size} processes: "
                                "make it a multiple of their number", field="train.optim.batch_size")

@@ -1,4 +1,4 @@
-"""Every option of every config group composes, and instantiates where it is a _target_."""
+"""Every option of every config group composes, fits the schema, and instantiates where it is a _target_."""
 
 from pathlib import Path
 
@@ -6,6 +6,8 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from delift.config import validate
+from delift.schema import check_target
 from tests.helpers import CONF_DIR, compose_config
 
 GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir() and p.name not in {"hydra", "experiment"})
@@ -22,6 +24,10 @@ def test_every_option_composes_and_resolves(group, option, tmp_path):
         node = cfg[group]
     resolved = OmegaConf.to_container(node, resolve=True, throw_on_missing=False)
     assert resolved or (group, option) == ("judge", "none"), f"{group}={option} is empty"
+    if group == "dataset":
+        check_target("probe", resolved)
+    else:
+        validate(cfg)
 
 
 EXPERIMENTS = sorted(f.stem for f in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
@@ -33,6 +39,7 @@ def test_every_experiment_preset_composes(name, tmp_path):
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert resolved["experiment_name"] == name
     assert resolved["stage"]["roles"]["pool"], name
+    validate(cfg)
 
 
 @pytest.mark.parametrize("group", ["model", "selector", "embedder", "logger", "judge"])

@@ -6,12 +6,15 @@ import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 from delift.devices import place
 from delift.errors import DeliftInputError
+from delift.schema import Range
 
 SELECTORS: dict[str, type["Selector"]] = {}
+# A subset selector's share of the pool; the config schema checks it before anything loads.
+Fraction = Annotated[float, Range(0, 1, low_open=True)]
 
 
 def register(name: str):
@@ -89,7 +92,7 @@ class Selector:
     name = "base"
     trains = True  # False for `initial`: evaluate the base model untouched
 
-    def __init__(self, fraction: float = 0.3):
+    def __init__(self, fraction: Fraction = 0.3):
         self.fraction = float(fraction)
 
     def budget(self, n: int) -> int:

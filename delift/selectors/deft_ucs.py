@@ -19,15 +19,18 @@ cluster).
 from __future__ import annotations
 
 import math
+from typing import Annotated, Literal, get_args
 
 import numpy as np
 from sklearn.cluster import KMeans
 
 from delift.errors import DeliftInputError
 from delift.records import record_text
-from delift.selectors.base import Selection, SelectionContext, Selector, register
+from delift.schema import Range
+from delift.selectors.base import Fraction, Selection, SelectionContext, Selector, register
 
-PER_CLUSTER = ("paper", "proportional")
+PerCluster = Literal["paper", "proportional"]
+PER_CLUSTER = get_args(PerCluster)
 
 
 def _check_budget(sizes: list[int], budget: int) -> None:
@@ -115,8 +118,9 @@ class DeftUCSSelector(Selector):
     """`alpha`: share of each cluster's quota taken from its easy end (the rest from its hard end);
     `per_cluster`: "paper" (equal quotas) or "proportional" (module docstring)."""
 
-    def __init__(self, fraction: float = 0.3, n_clusters: int = 7, alpha: float = 0.5, n_init: int = 10,
-                 per_cluster: str = "paper"):
+    def __init__(self, fraction: Fraction = 0.3, n_clusters: Annotated[int, Range(1)] = 7,
+                 alpha: Annotated[float, Range(0, 1)] = 0.5, n_init: Annotated[int, Range(1)] = 10,
+                 per_cluster: PerCluster = "paper"):
         super().__init__(fraction)
         if not 0.0 <= alpha <= 1.0:
             raise DeliftInputError(f"must be in [0, 1], got {alpha}", field="selector.alpha")

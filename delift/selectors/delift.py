@@ -17,9 +17,9 @@ import scipy.sparse as sp
 
 from delift.embeddings import cosine_kernel01
 from delift.errors import DeliftInputError
-from delift.objectives import NORMALIZATIONS, maximize
+from delift.objectives import NORMALIZATIONS, Backend, Missing, Normalization, Objective, maximize
 from delift.records import record_text
-from delift.selectors.base import Selection, SelectionContext, Selector, register
+from delift.selectors.base import Fraction, Selection, SelectionContext, Selector, register
 
 DEVICE_KEYS = ("accelerator", "devices", "strategy", "num_nodes")
 # Kernel config keys that are not compute_kernel arguments.
@@ -36,8 +36,8 @@ SIDE_ROWS = ("fl2mi",)
 class KernelObjectiveSelector(Selector):
     """Greedy maximisation of a submodular objective over kernels that subclasses define."""
 
-    def __init__(self, fraction: float = 0.3, objective: str | None = None, eta: float = 1.0, nu: float = 1.0,
-                 backend: str = "ours", normalize: str = "joint"):
+    def __init__(self, fraction: Fraction = 0.3, objective: Objective | None = None, eta: float = 1.0, nu: float = 1.0,
+                 backend: Backend = "ours", normalize: Normalization = "joint"):
         super().__init__(fraction)
         if normalize not in NORMALIZATIONS:
             raise DeliftInputError(f"must be one of {list(NORMALIZATIONS)}, got {normalize!r}",
@@ -119,8 +119,8 @@ class KernelObjectiveSelector(Selector):
 class DeliftSelector(KernelObjectiveSelector):
     """DELIFT: the in-context utility kernel of the model being fine-tuned."""
 
-    def __init__(self, fraction: float = 0.3, objective: str | None = None, eta: float = 1.0, nu: float = 1.0,
-                 backend: str = "ours", missing: str = "neutral", normalize: str = "joint"):
+    def __init__(self, fraction: Fraction = 0.3, objective: Objective | None = None, eta: float = 1.0, nu: float = 1.0,
+                 backend: Backend = "ours", missing: Missing = "neutral", normalize: Normalization = "joint"):
         super().__init__(fraction, objective, eta, nu, backend, normalize)
         self.missing = missing
 

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from delift.cache import cache_folder, content_hash, load_npy, records_hash, save_json, save_npy
 from delift.devices import model_device, resolve_device
 from delift.errors import DeliftInputError
-from delift.selectors.base import Selection, SelectionContext, Selector, register
+from delift.selectors.base import Fraction, Selection, SelectionContext, Selector, register
 
 PROJECTION_TILE_ROWS = 2048  # part of the projection's definition: changing it changes the matrix
 
@@ -161,7 +161,7 @@ def load_moments(checkpoint: Path, names: list[str], device) -> tuple[torch.Tens
 class LESSSelector(Selector):
     """LESS with a LoRA warm-up; `lora` / `optim` override keys of `ctx.train_options` for the warm-up."""
 
-    def __init__(self, fraction: float = 0.3, warmup_fraction: float = 0.05, warmup_epochs: int = 2,
+    def __init__(self, fraction: Fraction = 0.3, warmup_fraction: Fraction = 0.05, warmup_epochs: int = 2,
                  projection_dim: int = 8192, grad_batch: int = 16, projection_memory_gb: float = 2.0,
                  lora: dict | None = None, optim: dict | None = None, device: str = "auto"):
         super().__init__(fraction)

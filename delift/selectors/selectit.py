@@ -28,7 +28,7 @@ from delift.cache import cache_folder, cached_array, content_hash, records_hash
 from delift.errors import DeliftInputError
 from delift.generation import SCORE_TOKENS, next_token_log_probs, score_token_ids
 from delift.records import record_prompt
-from delift.selectors.base import Selection, SelectionContext, Selector, register
+from delift.selectors.base import Fraction, Selection, SelectionContext, Selector, register
 from delift.selectors.selectit_prompts import LAYOUTS, RATING_PROMPTS, RatingLayout
 
 
@@ -156,7 +156,7 @@ class SelectITSelector(Selector):
     with it by size-weighted mean (SelectIT's model level).
     """
 
-    def __init__(self, fraction: float = 0.3, rating_prompts="original", layout: str = "original",
+    def __init__(self, fraction: Fraction = 0.3, rating_prompts: str | list[str] = "original", layout: str = "original",
                  alpha: float = 0.2, batch_size: int = 16, max_length: int = 1024, use_chat_template: bool = False,
                  extra_models=()):
         super().__init__(fraction)

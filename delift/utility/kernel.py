@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import get_args
 
 import numpy as np
 import scipy.sparse as sp
 
 from delift.cache import UnreadableCacheFile, cache_folder, file_lock, load_npy, save_json, save_npy
+from delift.config import Engine
 from delift.errors import DeliftInputError
-from delift.objectives import minmax01
+from delift.objectives import Missing, minmax01
 from delift.records import validate_records
 from delift.utility.formatting import UtilityInputs, UtilityTemplate
 from delift.utility.graph import ANN_DEFAULTS, features_identity
@@ -19,7 +21,7 @@ from delift.utility.plan import KernelPlan, calibrate, describe, plan_kernel
 from delift.utility.sparse import compute_sparse_kernel
 from delift.utility.tiles import CACHE_KIND, KERNEL_FILE, assemble_kernel, kernel_key, plan_tiles
 
-KERNEL_ENGINES = ("naive", "fast", "knn", "proxy")
+KERNEL_ENGINES = get_args(Engine)
 EXACT_ENGINES = ("naive", "fast")
 PROXY_OPTIONS = {"sample": {"rows": 0.1, "random": 8}, "network": {}}
 
@@ -187,7 +189,7 @@ def normalize_kernel(kernel: np.ndarray | sp.csr_matrix) -> np.ndarray | sp.csr_
     return minmax01(kernel)
 
 
-MISSING = ("neutral", "bottom")
+MISSING = get_args(Missing)
 
 
 def approximate_similarities(kernels: dict, missing: str = "neutral") -> tuple[dict, bool]:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from delift.cache import save_npy
-from delift.devices import kept_in_place, model_device, trainer_arguments
+from delift.devices import build_trainer, kept_in_place, model_device, trainer_arguments
 from delift.errors import DeliftInputError
 from delift.utility.engine import check_output_head, one_shot_distances, zero_shot_distances
 from delift.utility.formatting import UtilityInputs
@@ -151,9 +151,8 @@ class PairProgressBar(L.Callback):
 
 def make_trainer(trainer_options: dict | None, callbacks: list, device) -> L.Trainer:
     """A predict Trainer for a model on `device` (the model runs in its own dtype: no precision plugin)."""
-    options = TRAINER_DEFAULTS | trainer_arguments(trainer_options, device, inference=True)
-    options["callbacks"] = list(options.get("callbacks") or []) + callbacks
-    return L.Trainer(**options)
+    return build_trainer(TRAINER_DEFAULTS | trainer_arguments(trainer_options, device, inference=True),
+                         callbacks=callbacks)
 
 
 class TileRun(NamedTuple):

@@ -1,0 +1,87 @@
+"""One call to select a subset from Python, with the same defaults as the `delift` command.
+
+    import delift
+    selection = delift.select(records, method="delift", fraction=0.3)
+    subset = [records[i] for i in selection.indices]
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from delift.errors import DeliftInputError
+from delift.records import validate_records
+
+STAGE_OBJECTIVES = {"instruction": "fl", "task": "flmi", "continual": "flcg"}
+
+
+def _records(records, role: str) -> list[dict]:
+    if isinstance(records, (str, Path)):
+        from delift.data import load_file
+
+        return load_file(records)
+    if not isinstance(records, Sequence):
+        raise DeliftInputError("must be a list of records or a data file path", field=role)
+    return validate_records(records, file=f"<{role}>")
+
+
+def select(records, method: str = "delift", fraction: float = 0.3, *, model=None, stage: str = "instruction",
+           target=(), existing=(), seed: int = 0, overrides: Sequence[str] = (), output_dir=None,
+           progress: bool = True):
+    """Select from `records` with `method` (any name of delift/conf/selector: delift, delift_se, random, less,
+    selectit, deft_ucs, full, initial); returns a delift.selectors.Selection (`indices` into `records`,
+    in selection order, `scores`, `objective_value`, `info`).
+
+    - `records`: a list of {id, instruction, input, output, source, meta} mappings (id, input, source and
+      meta optional), or the path of a JSONL / JSON / CSV / Parquet file.
+    - `model`: a model config name (delift/conf/model: smollm2, the offline default; qwen2, phi3,
+      tiny_qwen2, ...), a `_target_` mapping like those files, a spec object from delift.models, or a
+      loaded `delift.models.LoadedModel`.
+    - `stage`: instruction (FL over the pool), task (FLMI toward `target`) or continual (FLCG against
+      `existing`).
+    - `overrides`: further config overrides, as on the command line (e.g. "kernel.engine=knn").
+    - `output_dir`: where selectors may write (LESS's warm-up checkpoints); a temporary folder by default.
+    Caches (kernels, embeddings, converted models) go to paths.cache_dir, as for the command.
+    """
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import instantiate
+    from omegaconf import open_dict
+
+    from delift.config import validate
+    from delift.data.stages import StageData
+    from delift.models import LoadedModel
+    from delift.pipeline import selection_context
+
+    if stage not in STAGE_OBJECTIVES:
+        raise DeliftInputError(f"unknown stage {stage!r}; choose one of {list(STAGE_OBJECTIVES)}", field="stage")
+    pool, target, existing = _records(records, "records"), _records(target, "target"), _records(existing, "existing")
+    needed = {"task": ("target", target), "continual": ("existing", existing)}.get(stage)
+    if needed and not needed[1]:
+        raise DeliftInputError(f"the {stage} stage selects against `{needed[0]}` records: pass them",
+                               field=needed[0])
+    model_override = [f"model={model}"] if isinstance(model, str) else []
+    GlobalHydra.instance().clear()
+    with initialize_config_module("delift.conf", version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"selector={method}", f"seed={seed}",
+                                                       f"progress={str(bool(progress)).lower()}", *model_override, *overrides])
+    GlobalHydra.instance().clear()
+    with tempfile.TemporaryDirectory(prefix="delift-select-") as scratch:
+        out = Path(output_dir or scratch)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(out)
+            cfg.experiment_name = "api"
+            if "fraction" in cfg.selector:  # full and initial take no fraction
+                cfg.selector.fraction = fraction
+        validate(cfg)
+        data = StageData(name=stage, objective=STAGE_OBJECTIVES[stage], pool=pool, target=target, existing=existing)
+        ctx = selection_context(cfg, data, out)
+        if isinstance(model, LoadedModel):
+            ctx.loader = lambda: model
+        elif isinstance(model, Mapping):  # a config node, as in delift/conf/model/*.yaml
+            ctx.model_spec = instantiate(model)
+        elif model is not None and not isinstance(model, str):
+            ctx.model_spec = model
+        return instantiate(cfg.selector).select(ctx)
