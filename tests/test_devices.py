@@ -210,3 +210,19 @@ def test_ranks_together_hold_the_batches_of_one_process(n):
     for step in range(-(-n // batch)):
         together = [i for s in shards for i in s[step * per_rank:(step + 1) * per_rank] if i != n]
         assert sorted(together) == sorted(single[step * batch:(step + 1) * batch])
+
+
+def test_trainer_class_callbacks_and_profiler_come_from_config():
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.profilers import SimpleProfiler
+
+    ours = ModelCheckpoint()
+    options = {"_target_": "lightning.pytorch.Trainer", "accelerator": "cpu", "devices": 1, "logger": False,
+               "callbacks": [{"_target_": "lightning.pytorch.callbacks.LearningRateMonitor",
+                              "logging_interval": "step"}],
+               "profiler": {"_target_": "lightning.pytorch.profilers.SimpleProfiler"}}
+    trainer = devices.build_trainer(options, callbacks=[ours])
+    configured = [c for c in trainer.callbacks if isinstance(c, LearningRateMonitor)]
+    assert len(configured) == 1 and configured[0].logging_interval == "step"
+    assert trainer.callbacks.index(configured[0]) < trainer.callbacks.index(ours)  # the configured ones first
+    assert isinstance(trainer.profiler, SimpleProfiler)

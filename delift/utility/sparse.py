@@ -6,9 +6,10 @@
   `sample.random` random columns each); a small network trained on them (delift.utility.proxy)
   predicts every candidate pair; measured pairs keep their exact value.
 
-The result is a scipy CSR matrix (float32 UF). A missing entry is not UF = 0: after the
-objectives' min-max over stored entries it is similarity 0, the bottom of the scale (submodlib's
-sparse convention), so it never covers anything.
+The result is a scipy CSR matrix (float32 UF). How a missing entry counts is the reader's choice
+(delift.utility.kernel.approximate_similarities): the selectors' default `missing="neutral"` reads
+it as UF = 0; `missing="bottom"` (and the objectives given a raw sparse kernel) min-max the stored
+entries, so it is similarity 0, the bottom of the scale (submodlib's sparse convention).
 
 Cache folder (the exact kernel's key parts + the approximation): `graph_indptr.npy`,
 `graph_indices.npy` and `scored_rows.npy` / `scored_cols.npy` (the pairs measured, so a resumed
