@@ -78,11 +78,17 @@ def save_dataset(dataset, folder) -> None:
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    from datasets.utils import disable_progress_bars, enable_progress_bars, is_progress_bar_enabled
+
+    bars = is_progress_bar_enabled()
+    disable_progress_bars()  # a subset saves in a blink: its bar would only add lines to the run's console
     try:
         # datasets writes an empty dataset as zero shards, which load_from_disk cannot read back.
         dataset.save_to_disk(str(staging), num_shards=1 if len(dataset) == 0 else None)
         _replace_folder(staging, folder)
     finally:
+        if bars:
+            enable_progress_bars()
         shutil.rmtree(staging, ignore_errors=True)
 
 

@@ -300,8 +300,8 @@ class Judge:
             else:
                 texts.append(bos + user if adds_bos else user)
         if clipped:
-            log.warning("judge: %d instruction/response/reference fields cut to %d tokens", clipped,
-                        self.max_field_tokens)
+            log.warning("judge: %d instruction/response/reference fields cut to judge.max_field_tokens=%d tokens; "
+                        "raise it to grade them whole", clipped, self.max_field_tokens)
         return texts
 
     def write_feedback(self, model, tokenizer, texts: list[str], max_prompt_tokens: int
@@ -381,7 +381,8 @@ class Judge:
             "laj_n": len(scores),
         }
         if metrics["laj_parse_failures"]:
-            log.warning("judge %s: %d of %d outputs had no final 1-5 score (after up to %d retries)", self.name,
+            log.warning("judge %s: %d of %d outputs had no final 1-5 score (after up to %d retries); raise "
+                        "judge.max_new_tokens (feedback cut short) or judge.parse_retries", self.name,
                         metrics["laj_parse_failures"], len(scores), self.parse_retries if self.do_sample else 0)
         rows = [{"laj": score, "laj_weighted": float(w), "judge_feedback": text, "judge_attempts": n}
                 for score, w, text, n in zip(scores, weighted, feedback, attempts)]

@@ -20,6 +20,7 @@ from delift.data import build_stage
 from delift.devices import is_global_zero
 from delift.errors import DeliftInputError
 from delift.evaluation import evaluate
+from delift.export import export_subset
 from delift.icl import nearest_demonstrations
 from delift.selectors import SelectionContext
 from delift.tracking import Tracker, start_tracker
@@ -181,6 +182,9 @@ def _run_job(cfg: DictConfig, output_dir: Path, writes: bool, tracker: Tracker) 
     kernel_report = selection.info.get("kernel_report")
     if writes:
         write_selection(output_dir, selection, selector, stage, budget, cfg.seed)
+        if cfg.get("export"):  # the subset for other trainers: a HF dataset, chat JSONL, the hub
+            export_subset(output_dir, [stage.pool[i] for i in selection.indices], selection.indices,
+                          **_container(cfg.export))
         tracker.log_selection(selection, stage, selector)
     selection.kernels.clear()  # plotted and logged; fine-tuning has better use for the memory
     log.info("Selected %d of %d with %s", len(selection.indices), len(stage.pool), selector.name)

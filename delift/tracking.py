@@ -59,6 +59,8 @@ def start_tracker(cfg: DictConfig, output_dir: Path) -> Tracker:
     filled = {key: make(cfg) for key, make in (("name", run_name), ("tags", run_tags))
               if key in cfg.logger and cfg.logger[key] is None}
     logger = instantiate(cfg.logger, **filled, _convert_="all")  # W&B takes tags as a plain list
+    # Lightning hands wandb.init `anonymous=None`, which W&B answers with a deprecation warning on every run.
+    getattr(logger, "_wandb_init", {}).pop("anonymous", None)
     logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # a W&B run starts here
     return Tracker(logger, output_dir, cfg.paths.cache_dir)
 

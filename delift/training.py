@@ -10,6 +10,7 @@ parameter name and the epoch's mean learning rate: what LESS needs.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ from delift.devices import build_trainer, is_quantized, kept_in_place, model_dev
 from delift.errors import DeliftInputError
 from delift.prompts import format_prompt
 
+log = logging.getLogger(__name__)
+
 IGNORE_INDEX = -100
 
 
@@ -31,14 +34,16 @@ def encode_example(tokenizer, record: dict, max_length: int, *, use_chat_templat
     """Prompt + response + EOS as token ids, labels masked on the prompt.
 
     An over-long example loses the start of its prompt, never its response (unless the response
-    alone exceeds max_length, when its end is cut).
+    alone exceeds max_length, when its end is cut); `cut` says whether it was shortened.
     """
     prompt_ids = tokenizer(format_prompt(tokenizer, record, use_chat_template=use_chat_template),
                            add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    cut = len(prompt_ids) + len(response_ids) > max_length
     response_ids = response_ids[:max_length]
     prompt_ids = prompt_ids[max(0, len(prompt_ids) - (max_length - len(response_ids))):]
-    return {"input_ids": prompt_ids + response_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids}
+    return {"input_ids": prompt_ids + response_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
+            "cut": cut}
 
 
 def collate(examples: list[dict], pad_id: int) -> dict:
@@ -239,6 +244,11 @@ def finetune(loaded, records: list[dict], *, lora: dict, optim: dict, trainer_op
     model = get_peft_model(prepare_for_training(loaded.model, gradient_checkpointing), config)
     examples = [encode_example(tokenizer, r, optim["max_length"], use_chat_template=use_chat_template)
                 for r in records]
+    cut = sum(e.pop("cut") for e in examples)
+    if cut:
+        log.warning("%d of %d training examples exceed train.optim.max_length=%d tokens: their prompts lose their "
+                    "start (the response is kept whole where it fits); raise train.optim.max_length to keep them",
+                    cut, len(examples), optim["max_length"])
     sampler = EpochSeededShuffle(len(examples), seed)
     examples.append({"input_ids": [tokenizer.pad_token_id], "labels": [IGNORE_INDEX]})  # a rank's padding
     cadence = {"every_n_train_steps": checkpoint_every_n_steps} if checkpoint_every_n_steps else {"every_n_epochs": 1}

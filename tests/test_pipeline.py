@@ -25,6 +25,12 @@ def test_every_stage_and_selector_end_to_end(stage, selector, tmp_path):
     selection = json.loads((tmp_path / "selection.json").read_text())
     subset = [json.loads(line) for line in (tmp_path / "subset.jsonl").read_text().splitlines()]
     assert [r["id"] for r in subset] == selection["ids"]
+    # The exports for other trainers hold the same subset, in the same order.
+    from datasets import load_from_disk
+
+    assert load_from_disk(str(tmp_path / "subset_hf"))["id"] == selection["ids"]
+    chat = [json.loads(line) for line in (tmp_path / "subset_chat.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["pool_index"]) for r in chat] == list(zip(selection["ids"], selection["indices"]))
     expected = {"random": round(0.3 * saved["n_pool"]), "full": saved["n_pool"], "initial": 0}[selector]
     assert saved["n_selected"] == len(selection["indices"]) == expected
     assert ("adapter" in files) == (selector != "initial")

@@ -24,7 +24,8 @@ def test_encode_masks_the_prompt_and_ends_with_eos(tiny_qwen2, toy_records):
 def test_truncation_cuts_the_prompt_never_the_response(tiny_qwen2, toy_records):
     record = dict(toy_records[3], input="word " * 400)
     ex = encode_example(tiny_qwen2.tokenizer, record, max_length=64)
-    assert len(ex["input_ids"]) == 64
+    assert len(ex["input_ids"]) == 64 and ex["cut"]
+    assert not encode_example(tiny_qwen2.tokenizer, toy_records[3], max_length=64)["cut"]
     kept = [t for t in ex["labels"] if t != IGNORE_INDEX]
     assert tiny_qwen2.tokenizer.decode(kept[:-1]) == record["output"]
 

@@ -306,6 +306,6 @@ class UtilityInputs:
     def warn_truncation(self, pairs: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         count = self.truncation_count(pairs)
         if count:
-            warnings.warn(f"{count} utility sequence(s) exceed kernel.max_length={self.max_length} tokens; their "
-                          "prompts are truncated from the left (the scored response is kept whole)", UserWarning,
-                          stacklevel=3)
+            warnings.warn(f"{count} utility sequence(s) exceed kernel.max_length={self.max_length} tokens: their "
+                          "prompts are truncated from the left (the scored response is kept whole); raise "
+                          "kernel.max_length to keep them whole", UserWarning, stacklevel=3)
