@@ -16,13 +16,10 @@ from delift.records import make_record
 from delift.utility import compute_kernel
 from delift.utility import lightning as lightning_module
 from delift.utility.tiles import plan_tiles
-from tests.conftest import MODEL_CACHE
-from tests.helpers import SeededEmbedder, compose_config, run_py
+from tests.helpers import SeededEmbedder, compose_config, isolated_cache, run_py
 
 RECORDS = [make_record(f"r{i}", "Answer the question.", f"What is {i} times {i + 3}?",
                        f"{i * (i + 3)}." + " Yes." * (i % 3)) for i in range(6)]
-# Kernels go to tmp caches; the tokenizer stays in the shared model cache (converted once, not per test).
-SHARED_TOKENIZER = f"model.tokenizer_source.cache_dir={MODEL_CACHE}"
 APPROXIMATIONS = {"knn": dict(engine="knn", knn_k=2, knn_random=1, embedder=SeededEmbedder()),
                   "proxy": dict(engine="proxy", knn_k=2, knn_random=1, embedder=SeededEmbedder(),
                                 proxy={"sample": {"rows": 3, "random": 1}, "network": {"max_epochs": 3}})}
@@ -146,8 +143,8 @@ def test_selecting_with_a_shard_is_an_error_naming_it(tmp_path):
 def test_a_dry_run_with_a_shard_plans_the_whole_kernel(tmp_path, monkeypatch):
     _no_trainer(monkeypatch)
     cfg = compose_config(["task=kernel", "kernel.dry_run=true", "kernel.shard=1", "kernel.num_shards=2",
-                          "selector=delift", "model=tiny_qwen2", SHARED_TOKENIZER], output_dir=tmp_path,
-                         cache_dir=tmp_path / "cache")
+                          "selector=delift", "model=tiny_qwen2"], output_dir=tmp_path,
+                         cache_dir=isolated_cache(tmp_path))
     results = run(cfg)
     assert results["plans"]["kernel"]["n_rows"] == 28 and (tmp_path / "plan.json").exists()
     assert not (tmp_path / "cache" / "utility_kernel").exists()
@@ -163,8 +160,7 @@ def test_results_table_prints_a_line_per_kernel_or_shard():
 
 
 # The instruction stage's 28-record pool in tiles of 8: 4 zero-shot + 16 one-shot tiles.
-PIPELINE = ["selector=delift", "model=tiny_qwen2", "progress=false", "kernel.tile_size=8", "kernel.batch_size=8",
-            SHARED_TOKENIZER]
+PIPELINE = ["selector=delift", "model=tiny_qwen2", "progress=false", "kernel.tile_size=8", "kernel.batch_size=8"]
 
 
 def _only(folder: Path, pattern: str) -> Path:
@@ -174,7 +170,7 @@ def _only(folder: Path, pattern: str) -> Path:
 
 @pytest.mark.slow  # four run.py processes: ~70 s on two busy cores
 def test_two_shard_jobs_through_the_joblib_launcher_then_select_equal_one_process(tmp_path):
-    shared = tmp_path / "shared_cache"
+    shared = isolated_cache(tmp_path / "shared")
     proc = run_py(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "task=kernel", "kernel.shard=0,1",
                    "kernel.num_shards=2", f"paths.cache_dir={shared}", *PIPELINE], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -184,13 +180,14 @@ def test_two_shard_jobs_through_the_joblib_launcher_then_select_equal_one_proces
     assert [r["kernels"]["kernel"]["details"]["shard"] for r in reports] == [0, 1]
     assert not list(shared.rglob("kernel*.npy"))
 
-    for name, cache in (("assembled", shared), ("one_process", tmp_path / "other_cache")):
+    other = isolated_cache(tmp_path / "other")
+    for name, cache in (("assembled", shared), ("one_process", other)):
         (tmp_path / name).mkdir()
         proc = run_py(["task=select", f"paths.cache_dir={cache}", *PIPELINE], cwd=tmp_path / name)
         assert proc.returncode == 0, proc.stderr[-3000:]
     assembled = _only(shared / "utility_kernel", "kernel.npy")
-    one_process = _only(tmp_path / "other_cache" / "utility_kernel", "kernel.npy")
-    assert assembled.parent.name == one_process.parent.name  # the same key
+    one_process = _only(other / "utility_kernel", "kernel.npy")
+    assert assembled.parent.name == one_process.parent.name  # the same key, whatever the cache folder
     assert np.array_equal(np.load(assembled), np.load(one_process))
     assert assembled.read_bytes() == one_process.read_bytes()
     selections = [json.loads(_only(tmp_path / name, "selection.json").read_text())

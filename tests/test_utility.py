@@ -231,3 +231,24 @@ def test_block_cache_gives_each_batch_its_blocks_right_aligned_after_zeros():
     keys, values = layer.update(torch.ones(3, 2, 2, 4), torch.ones(3, 2, 2, 4))
     assert keys.shape == (3, 2, 5, 4) and bool((keys[:, :, 3:] == 1).all()) and layer.get_seq_length() == 5
     assert torch.equal(cached.for_batch([0], room=0)[0].layers[0].keys[0], blocks[0][0])
+
+
+def test_the_kernel_key_does_not_depend_on_where_the_tokenizer_was_loaded_from(tiny_qwen2, tmp_path):
+    from transformers import AutoTokenizer
+
+    from delift.utility.formatting import tokenizer_identity
+    from delift.utility.tiles import kernel_key
+
+    copies = []
+    for name in ("cache_a", "cache_b"):
+        tiny_qwen2.tokenizer.save_pretrained(tmp_path / name)
+        copies.append(AutoTokenizer.from_pretrained(tmp_path / name))
+    assert copies[0].name_or_path != copies[1].name_or_path
+    assert tokenizer_identity(copies[0]) == tokenizer_identity(copies[1])
+    records = [make_record("a", "Say yes.", "", "Yes.")]
+    keys = [kernel_key(model=tiny_qwen2.model, tokenizer=t, rows=records, cols=records, template=UtilityTemplate(),
+                       max_length=64, model_identity={"name": "tiny"})[0] for t in copies]
+    assert keys[0] == keys[1]
+    # A different vocabulary is a different tokenizer, whatever its name.
+    copies[1].add_tokens(["<extra_token>"])
+    assert tokenizer_identity(copies[0])["vocab"] != tokenizer_identity(copies[1])["vocab"]

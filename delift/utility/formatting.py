@@ -180,11 +180,12 @@ def encode_after(tokenizer, texts: Sequence[str], context: str) -> list[list[int
 
 
 def tokenizer_identity(tokenizer) -> dict:
-    """What makes two tokenizers interchangeable for the kernel: vocabulary, specials, behaviour."""
+    """What makes two tokenizers interchangeable for the kernel: vocabulary, specials, behaviour. Not
+    where it was loaded from: the same tokenizer read from another cache folder gives the same kernel."""
     probes = ["Instruction: Hello, world!\nInput: 12 x 7 = 84\n", " café naïve — 東京 🙂",
               "\n\n\nQuery:\n  def f(x):"]
     return {
-        "name": getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
+        "vocab": content_hash(sorted(tokenizer.get_vocab().items())),
         "vocab_size": len(tokenizer),
         "special_tokens": {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
         "eos_token_id": tokenizer.eos_token_id,

@@ -136,13 +136,14 @@ def assemble_kernel(values: dict[Tile, np.ndarray], n_rows: int, n_cols: int) ->
 
 
 def model_fingerprint(model) -> dict:
-    """name_or_path + SHA-256 of every weight: for models without a config identity (slow for big ones)."""
+    """SHA-256 of every weight (not the folder it came from): for models without a config identity (slow for
+    big ones)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         flat = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}".encode())
         digest.update(flat.view(torch.uint8).numpy().tobytes())
-    return {"name_or_path": getattr(model, "name_or_path", type(model).__name__), "weights_sha256": digest.hexdigest()}
+    return {"weights_sha256": digest.hexdigest()}
 
 
 def kernel_key(*, model, tokenizer, rows, cols, template: UtilityTemplate, max_length: int, model_identity=None,
