@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from delift.errors import DeliftInputError
 from delift.export import ExportFormat
+from delift.metrics import Normalization, OptionFormat
 from delift.objectives import Objective
 from delift.schema import Pattern, Range, Target, check, check_fields, describe, field_key, target_parameters
 
@@ -149,6 +150,17 @@ class TrainConfig:
 
 
 @dataclass
+class LikelihoodConfig:
+    ref_loss: bool = _help("ref_loss: mean token negative log-likelihood of the reference (output + EOS) after the "
+                           "prompt")
+    options: bool = _help("multiple-choice records: ll_accuracy, the option of highest log-likelihood as the answer")
+    option_format: OptionFormat = _help("the scored continuation: letter_text (B. text: what the prompt asks for, as "
+                                        "the records' outputs) | letter (B; lm-evaluation-harness's MMLU) | text")
+    normalize: Normalization = _help("none: summed log-probs (lm-evaluation-harness's acc) | token: per token | "
+                                     "char: per character (its acc_norm)")
+
+
+@dataclass
 class EvalConfig:
     mode: Literal["finetune", "icl", "both"] = _help("finetune: LoRA on the subset | icl: the nearest selected "
                                                      "examples in the prompt | both")
@@ -157,6 +169,7 @@ class EvalConfig:
     batch_size: Positive = _help("prompts per generation batch")
     do_sample: bool = _help("sample instead of greedy decoding")
     rouge_stemmer: bool = _help("Porter stemming before ROUGE-1")
+    likelihood: LikelihoodConfig = _help("teacher-forced scores of the same prompts")
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """Batched generation: greedy by default, left-padded, prompts sorted by length; stops where the model
-would end its turn (`stop_token_ids`)."""
+would end its turn (`stop_token_ids`). Teacher-forced scoring of given continuations and next tokens."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import torch
 from tqdm.auto import tqdm
 
 from delift.errors import DeliftInputError
+
+# Prompts longer than this lose their start (demonstrations first), in generation and scoring alike.
+MAX_PROMPT_TOKENS = 1024
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +65,8 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, batch_size: int = 8,
-             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, max_prompt_tokens: int = 1024,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+             max_prompt_tokens: int = MAX_PROMPT_TOKENS,
              progress: bool = True) -> list[str]:
     """Continue each prompt; returns the new text only, in the order of `prompts`."""
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"][-max_prompt_tokens:] for p in prompts]
@@ -105,6 +109,41 @@ def next_token_log_probs(model, tokenizer, sequences: list[list[int]], token_ids
         logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                        position_ids=positions.to(device), logits_to_keep=1).logits[:, -1, :]
         out[batch] = torch.log_softmax(logits.double(), dim=-1)[:, ids.to(device)].cpu().numpy()
+    return out
+
+
+@torch.no_grad()
+def continuation_log_probs(model, tokenizer, prompts: list[list[int]], continuations: list[list[int]], *,
+                           batch_size: int = 8, progress: bool = True,
+                           desc: str = "score likelihoods") -> list[np.ndarray]:
+    """Per (prompt, continuation) pair of token ids, log p(c_t | prompt, c_<t) of each continuation token
+    (teacher forcing, full-vocabulary softmax), as float64 arrays in the order given.
+
+    Pairs are left-padded in length-sorted batches with position ids that padding does not shift:
+    every continuation then ends in the last column, so the output head runs only over the last
+    (longest continuation + 1) columns, not over the prompts.
+    """
+    if not all(prompts) or not all(continuations):
+        raise ValueError("every prompt and every continuation needs at least one token")
+    sequences = [p + c for p, c in zip(prompts, continuations)]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # no LoRA dropout while scoring
+    out: list[np.ndarray] = [np.empty(0)] * len(sequences)
+    order = sorted(range(len(sequences)), key=lambda i: (len(sequences[i]), i))
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress):
+        input_ids, mask = left_pad([sequences[i] for i in batch], tokenizer.pad_token_id)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        span = max(len(continuations[i]) for i in batch)
+        # Column W - span - 1 + k predicts column W - span + k: drop the last column's prediction.
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                       position_ids=positions.to(device), logits_to_keep=span + 1).logits[:, :-1].float()
+        targets = input_ids[:, -span:].to(device).unsqueeze(-1)
+        picked = (logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)).double().cpu().numpy()
+        for row, i in enumerate(batch):
+            out[i] = picked[row, span - len(continuations[i]):]
+    model.train(was_training)
     return out
 
 

@@ -1,8 +1,11 @@
-"""Scores of predictions against references: ROUGE-1 F, embedding cosine, exact-match accuracy.
+"""Scores of predictions against references: ROUGE-1 F, embedding cosine, exact-match accuracy; and
+the likelihood scores (reference loss, option log-likelihood) from teacher-forced log-probabilities.
 
 Accuracy is defined only for records whose `meta.answer_type` is "choice" (an option letter, as in
 MMLU) or "number" (a final number, as in GSM8K); it is averaged over those records alone. A
-prediction with no readable answer is wrong, and is also counted in `n_unparsed`.
+prediction with no readable answer is wrong, and is also counted in `n_unparsed`. The likelihood
+scores need no generation, so they carry no sampling or answer-parsing noise; the model calls
+that give their log-probabilities are in delift.evaluation (this module loads no model).
 """
 
 from __future__ import annotations
@@ -10,10 +13,19 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Mapping, Sequence
+from typing import Literal, get_args
 
 import numpy as np
 
 from delift.errors import DeliftInputError
+
+# How an option is scored (`eval.likelihood.option_format`): its letter and text as the records' outputs
+# write them ("B. text", the answer choice_record's prompt asks for), its letter alone ("B", as
+# lm-evaluation-harness scores MMLU after a prompt ending "Answer:"), or its text alone.
+OptionFormat = Literal["letter", "text", "letter_text"]
+# How an option's log-likelihood is compared (`eval.likelihood.normalize`): the sum over its tokens
+# (lm-evaluation-harness's acc), per token, or per character (its acc_norm).
+Normalization = Literal["none", "token", "char"]
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 # Four options (MMLU's) when a record's own options cannot be read.
@@ -178,4 +190,58 @@ def score_predictions(records: list[dict], predictions: list[str], embedder,
         metrics["accuracy"] = float(np.mean(judged))
         metrics["n_accuracy"] = len(judged)
         metrics["n_unparsed"] = unparsed
+    return metrics, per_example
+
+
+def option_continuations(rec: Mapping, option_format: OptionFormat = "letter_text") -> list[str]:
+    """What each option of a choice record is scored as, in letter order ([] for other records)."""
+    if option_format not in get_args(OptionFormat):
+        raise DeliftInputError(f"unknown option format {option_format!r}; choose one of {get_args(OptionFormat)}",
+                               field="eval.likelihood.option_format")
+    options = _options_of(rec)
+    forms = {"letter": lambda letter, text: letter, "text": lambda letter, text: text,
+             "letter_text": lambda letter, text: f"{letter}. {text}"}[option_format]
+    return [forms(letter, text) for letter, text in zip(string.ascii_uppercase, options)]
+
+
+def option_score(log_probs: np.ndarray, text: str, normalize: Normalization) -> float:
+    """An option's log-likelihood from its tokens' log-probabilities: summed, per token or per character
+    of `text`. An option with no tokens (an empty text) is never chosen."""
+    if normalize not in get_args(Normalization):
+        raise DeliftInputError(f"unknown normalisation {normalize!r}; choose one of {get_args(Normalization)}",
+                               field="eval.likelihood.normalize")
+    if len(log_probs) == 0:
+        return -np.inf
+    total = float(np.sum(log_probs))
+    return {"none": total, "token": total / len(log_probs), "char": total / len(text)}[normalize]
+
+
+def likelihood_scores(records: list[dict], reference_log_probs: list[np.ndarray] | None,
+                      option_log_probs: list[list[np.ndarray]], option_texts: list[list[str]],
+                      normalize: Normalization = "none") -> tuple[dict, list[dict]]:
+    """Aggregate metrics and per-example rows from teacher-forced log-probabilities.
+
+    `reference_log_probs[i]`: of record i's reference tokens (output + EOS); None skips `ref_loss`.
+    `option_log_probs[i][k]`: of option k's continuation `option_texts[i][k]` ([] for a record without
+    options). Rows get `ref_loss` (mean token negative log-likelihood) and, for records with options,
+    `ll_choice` (the letter of the highest-scoring option, the first on a tie) and `ll_correct`.
+    Metrics: `ref_loss` (its mean over examples), `ll_accuracy` and `n_ll_accuracy`.
+    """
+    per_example: list[dict] = [{} for _ in records]
+    metrics: dict = {}
+    if reference_log_probs is not None:
+        for row, log_probs in zip(per_example, reference_log_probs):
+            row["ref_loss"] = -float(np.mean(log_probs))
+        metrics["ref_loss"] = float(np.mean([row["ref_loss"] for row in per_example]))
+    judged = []
+    for rec, row, log_probs, texts in zip(records, per_example, option_log_probs, option_texts):
+        if not texts:
+            continue
+        scores = [option_score(lp, text, normalize) for lp, text in zip(log_probs, texts)]
+        row["ll_choice"] = string.ascii_uppercase[int(np.argmax(scores))]
+        row["ll_correct"] = row["ll_choice"] == str(rec["meta"]["answer"]).strip().upper()
+        judged.append(row["ll_correct"])
+    if judged:
+        metrics["ll_accuracy"] = float(np.mean(judged))
+        metrics["n_ll_accuracy"] = len(judged)
     return metrics, per_example

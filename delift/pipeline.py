@@ -204,7 +204,10 @@ def _run_job(cfg: DictConfig, output_dir: Path, writes: bool, tracker: Tracker) 
     subset = [stage.pool[i] for i in selection.indices]
     evaluate_options = dict(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
                             use_chat_template=cfg.train.use_chat_template, do_sample=cfg.eval.do_sample,
-                            rouge_stemmer=cfg.eval.rouge_stemmer, progress=cfg.progress, judge=judge)
+                            rouge_stemmer=cfg.eval.rouge_stemmer, progress=cfg.progress, judge=judge,
+                            ref_loss=cfg.eval.likelihood.ref_loss, option_ll=cfg.eval.likelihood.options,
+                            option_format=cfg.eval.likelihood.option_format,
+                            normalize=cfg.eval.likelihood.normalize)
     metrics_by_mode, rows = {}, []
     # ICL first: it prompts the base model, which fine-tuning then adapts in place.
     if "icl" in eval_modes(cfg.eval.mode) and writes:

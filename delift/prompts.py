@@ -26,3 +26,9 @@ def format_prompt(tokenizer, record: dict, *, use_chat_template: bool = True, de
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     shots = "".join(PLAIN_TEMPLATE.format(prompt=record_prompt(d)) + d["output"] + "\n\n" for d in demonstrations)
     return shots + PLAIN_TEMPLATE.format(prompt=record_prompt(record))
+
+
+def response_token_ids(tokenizer, record: dict) -> list[int]:
+    """The tokens a record's response is scored on: its output, tokenised alone, then the EOS that ends it
+    (fine-tuning's labels and evaluation's reference loss alike)."""
+    return tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]

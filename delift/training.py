@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from delift.devices import build_trainer, is_quantized, kept_in_place, model_device, trainer_arguments
 from delift.errors import DeliftInputError
-from delift.prompts import format_prompt
+from delift.prompts import format_prompt, response_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def encode_example(tokenizer, record: dict, max_length: int, *, use_chat_templat
     """
     prompt_ids = tokenizer(format_prompt(tokenizer, record, use_chat_template=use_chat_template),
                            add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    response_ids = response_token_ids(tokenizer, record)
     cut = len(prompt_ids) + len(response_ids) > max_length
     response_ids = response_ids[:max_length]
     prompt_ids = prompt_ids[max(0, len(prompt_ids) - (max_length - len(response_ids))):]

@@ -8,6 +8,9 @@ from delift.metrics import (
     extract_choice,
     extract_number,
     is_correct,
+    likelihood_scores,
+    option_continuations,
+    option_score,
     rouge1_f,
     score_predictions,
 )
@@ -132,3 +135,35 @@ def test_an_answer_letter_outside_the_options_names_the_record():
     bad = dict(RICKETS, meta={"answer": "E", "answer_type": "choice"})
     with pytest.raises(DeliftInputError, match="record mmlu/rickets.*meta.answer"):
         score_predictions([bad], ["A"], FakeEmbedder())
+
+
+def test_option_continuations_by_format():
+    assert option_continuations(CAPITALS) == ["A. Lyon", "B. Paris", "C. Marseille", "D. Nice"]  # the outputs' form
+    assert option_continuations(CAPITALS, "letter") == ["A", "B", "C", "D"]
+    assert option_continuations(CAPITALS, "text") == ["Lyon", "Paris", "Marseille", "Nice"]
+    assert option_continuations({"input": "no options", "meta": {}}, "letter") == []
+    with pytest.raises(DeliftInputError, match="eval.likelihood.option_format"):
+        option_continuations(CAPITALS, "number")
+
+
+def test_length_normalisation_decides_between_a_short_and_a_long_option():
+    # "Lyon": two tokens at -1 each (sum -2, -1 per token, -0.5 per character);
+    # "Paris": one token at -1.5 (sum -1.5, -1.5 per token, -0.3 per character).
+    lyon, paris = np.array([-1.0, -1.0]), np.array([-1.5])
+    assert (option_score(lyon, "Lyon", "none"), option_score(paris, "Paris", "none")) == (-2.0, -1.5)
+    assert (option_score(lyon, "Lyon", "token"), option_score(paris, "Paris", "token")) == (-1.0, -1.5)
+    assert option_score(lyon, "Lyon", "char") == -0.5 and option_score(paris, "Paris", "char") == pytest.approx(-0.3)
+    assert option_score(np.empty(0), "", "none") == -np.inf
+    flat = [np.array([-9.0])] * 4
+    texts = ["Lyon", "Paris", "Marseille", "Nice"]
+    for normalize, choice in (("none", "B"), ("token", "A"), ("char", "B")):
+        metrics, rows = likelihood_scores([CAPITALS], None, [[lyon, paris, *flat[2:]]], [texts], normalize)
+        assert rows == [{"ll_choice": choice, "ll_correct": choice == "B"}]
+        assert metrics == {"ll_accuracy": float(choice == "B"), "n_ll_accuracy": 1}
+
+
+def test_ref_loss_is_the_mean_token_nll_per_example_then_over_examples():
+    records = [{"output": "x", "meta": {}}, {"output": "y", "meta": {}}]
+    metrics, rows = likelihood_scores(records, [np.array([-1.0, -3.0]), np.array([-0.5])], [[], []], [[], []])
+    assert rows == [{"ref_loss": 2.0}, {"ref_loss": 0.5}]
+    assert metrics == {"ref_loss": 1.25}
