@@ -51,33 +51,29 @@ def load_sparse_kernel(folder, shape) -> tuple[sp.csr_matrix, dict] | None:
     return sp.csr_matrix((data, indices, indptr), shape=shape, copy=False), details
 
 
-def _cached(folder, name: str, compute) -> np.ndarray:
-    """An int64 array saved once in the kernel folder, so a resumed run uses the same pairs."""
+def _cached(folder, names: tuple[str, ...], compute) -> tuple[np.ndarray, ...]:
+    """int64 arrays computed together and saved once in the kernel folder, so a resumed run uses the same pairs."""
     if folder is None:
-        return compute()
-    path = folder / name
-    with file_lock(path):
-        if path.exists():
+        return tuple(np.asarray(array, dtype=np.int64) for array in compute())
+    paths = [folder / name for name in names]
+    with file_lock(paths[0]):
+        if all(path.exists() for path in paths):
             try:
-                return np.asarray(load_npy(path, dtype=np.int64))
+                return tuple(np.asarray(load_npy(path, dtype=np.int64)) for path in paths)
             except UnreadableCacheFile:
-                path.unlink()
-        array = np.asarray(compute(), dtype=np.int64)
-        save_npy(path, array)
-        return array
+                pass  # a half-written file: compute them again, and overwrite
+        arrays = tuple(np.asarray(array, dtype=np.int64) for array in compute())
+        for path, array in zip(paths, arrays):
+            save_npy(path, array)
+        return arrays
 
 
 def _graph(folder, row_vectors, col_vectors, *, knn_k, knn_random, seed, ann) -> CandidateGraph:
-    built = {}
+    def build():
+        graph = candidate_graph(row_vectors, col_vectors, knn_k, random=knn_random, seed=seed, **ann)
+        return graph.indptr, graph.indices
 
-    def build(part):
-        if not built:
-            graph = candidate_graph(row_vectors, col_vectors, knn_k, random=knn_random, seed=seed, **ann)
-            built.update(indptr=graph.indptr, indices=graph.indices)
-        return built[part]
-
-    indptr = _cached(folder, "graph_indptr.npy", lambda: build("indptr"))
-    indices = _cached(folder, "graph_indices.npy", lambda: build("indices"))
+    indptr, indices = _cached(folder, ("graph_indptr.npy", "graph_indices.npy"), build)
     return CandidateGraph(indptr=indptr, indices=indices, n_cols=len(col_vectors))
 
 
@@ -148,11 +144,8 @@ def compute_sparse_kernel(model, tokenizer, rows, cols, *, engine: str, template
     if engine == "knn":
         pair_rows, pair_cols = graph_rows, graph.indices
     else:
-        sampled = {}
-        pair_rows = _cached(folder, "scored_rows.npy",
-                            lambda: sampled.setdefault("pairs", proxy_sample(graph, proxy["sample"], seed))[0])
-        pair_cols = _cached(folder, "scored_cols.npy",
-                            lambda: sampled.setdefault("pairs", proxy_sample(graph, proxy["sample"], seed))[1])
+        pair_rows, pair_cols = _cached(folder, ("scored_rows.npy", "scored_cols.npy"),
+                                       lambda: proxy_sample(graph, proxy["sample"], seed))
     # The listed pairs are scored by the fast exact engine (its numbers are the naive oracle's).
     exact, scored = score_pairs(model, tokenizer, rows, cols, pair_rows, pair_cols, template=template, engine="fast",
                                 batch_size=batch_size, tile_size=tile_size, max_length=max_length, folder=folder,
