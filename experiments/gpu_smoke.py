@@ -40,6 +40,17 @@ PHI3_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %
                  "{% else %}{{ eos_token }}{% endif %}")
 
 
+def phi3_style(model, tokenizer):
+    """A copy of `tokenizer` made Phi-3 style (EOS <|endoftext|>, turns ending in <|end|>, Phi-3's chat
+    template) and `model` with embeddings for its new tokens (tests/test_devices.py uses it too)."""
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_special_tokens({"eos_token": "<|endoftext|>",
+                                  "additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>"]})
+    tokenizer.chat_template = PHI3_TEMPLATE
+    model.resize_token_embeddings(len(tokenizer))
+    return model, tokenizer
+
+
 def on_gpu(model) -> bool:
     return all(p.device.type == "cuda" for p in model.parameters())
 
@@ -171,12 +182,7 @@ def stop_check(cache_dir: str) -> tuple[str, bool, str]:
     name = "Phi-3 style stop at <|end|>"
     try:
         loaded = instantiate(compose(["model=tiny_qwen2"], Path(cache_dir), cache_dir).model).load(DEVICE)
-        tokenizer = copy.deepcopy(loaded.tokenizer)
-        tokenizer.add_special_tokens({"eos_token": "<|endoftext|>",
-                                      "additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>"]})
-        tokenizer.chat_template = PHI3_TEMPLATE
-        model = loaded.model
-        model.resize_token_embeddings(len(tokenizer))
+        model, tokenizer = phi3_style(loaded.model, loaded.tokenizer)
         word, end = tokenizer.convert_tokens_to_ids("Paris"), tokenizer.convert_tokens_to_ids("<|end|>")
         model.generation_config.sequence_bias = {(word,): 50.0, (word, end): 100.0}
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Capital of France?"}], tokenize=False,

@@ -2,6 +2,8 @@
 QLoRA's preparation and gradient checkpointing (what can be checked on a CPU)."""
 
 import copy
+import importlib.util
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -14,10 +16,11 @@ from delift.pipeline import run
 from delift.training import EpochSeededShuffle, finetune, prepare_for_training
 from tests.helpers import compose_config, isolated_cache
 
-PHI3_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %}{{'<|user|>\n' + message['content'] "
-                 "+ '<|end|>\n'}}{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] "
-                 "+ '<|end|>\n'}}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}"
-                 "{% else %}{{ eos_token }}{% endif %}")
+# The Phi-3 style tokenizer the GPU smoke script also checks generation with.
+_spec = importlib.util.spec_from_file_location("gpu_smoke", Path(__file__).resolve().parents[1] / "experiments"
+                                               / "gpu_smoke.py")
+gpu_smoke = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_smoke)
 
 
 def test_auto_is_cpu_here_and_cuda_without_cuda_is_a_clear_error():
@@ -112,12 +115,7 @@ def test_the_pipeline_puts_the_model_back_after_every_trainer_call(monkeypatch, 
 def phi3_style(tiny_qwen2):
     """The tiny model with a Phi-3 style tokenizer: EOS <|endoftext|>, turns ending in <|end|>, and a
     generation config that lists two stop ids of its own."""
-    tokenizer = copy.deepcopy(tiny_qwen2.tokenizer)
-    tokenizer.add_special_tokens({"eos_token": "<|endoftext|>",
-                                  "additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>"]})
-    tokenizer.chat_template = PHI3_TEMPLATE
-    model = copy.deepcopy(tiny_qwen2.model)
-    model.resize_token_embeddings(len(tokenizer))
+    model, tokenizer = gpu_smoke.phi3_style(copy.deepcopy(tiny_qwen2.model), tiny_qwen2.tokenizer)
     model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|user|>"), 2]
     return model, tokenizer
 
