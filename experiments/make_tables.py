@@ -11,12 +11,21 @@ Runs are grouped by (selector, fraction); each cell is the mean ± sample standa
 
 The main table holds one fraction: `--fraction`, or else the most common one among the subset
 selectors' runs (Full Data is always 100 %, Initial always 0 %). Rows follow the paper's order,
-then any other selector by name. Columns: ICL and fine-tuned x ROUGE / BGE / LAJ, plus accuracy
-for a mode where any run of the table has it. A results.json with only `metrics` (no
-`metrics_by_mode`) counts as the fine-tuned mode (its `mode` field, if any, says otherwise): that
-is what the pipeline evaluates after the selector's training step (none for Initial).
+then any other selector by name. Columns: ICL and fine-tuned x ROUGE / BGE / LAJ, plus accuracy,
+option log-likelihood accuracy and reference loss (lower is better) for a mode where any run of
+the table has them. A results.json with only `metrics` (no `metrics_by_mode`) counts as the
+fine-tuned mode (its `mode` field, if any, says otherwise): that is what the pipeline evaluates
+after the selector's training step (none for Initial).
 
-Outputs with `--out PATH`: PATH.md (Markdown table and caption), PATH.tex (a booktabs table),
+Paired statistics, where the runs' predictions.jsonl hold per-example scores: each method against
+Random (same fraction) and against Full Data, per column, the mean difference over (seed,
+evaluation example) pairs (the two runs of one seed share their evaluation examples) with a 95 %
+percentile bootstrap interval (the pairs resampled with replacement, `--bootstrap` resamples from
+a numpy Generator seeded with `--seed`). A method is marked better (▲) or worse (▼) only where the
+interval excludes 0. The budget curve's error bars are the same bootstrap's interval of each
+point's mean over (seed, example); without per-example scores, ± the std over seeds.
+
+Outputs with `--out PATH`: PATH.md (Markdown tables and captions), PATH.tex (booktabs tables),
 PATH.json (the aggregated numbers, in table units) and, where a selector was run at several
 fractions, PATH_budget.png (metric against subset size). The Markdown is printed either way.
 """
@@ -50,8 +59,18 @@ PAPER_ROWS = {
 FIXED_FRACTIONS = {"initial": 0.0, "full": 1.0}
 MODES = {"icl": "ICL", "finetune": "Fine-tuned"}
 # results.json metric key -> (column label, factor to table units): ROUGE and BGE in percent as in the paper.
-METRICS = {"rouge1": ("ROUGE", 100.0), "embed_sim": ("BGE", 100.0), "laj": ("LAJ", 1.0), "accuracy": ("Acc.", 100.0)}
+METRICS = {"rouge1": ("ROUGE", 100.0), "embed_sim": ("BGE", 100.0), "laj": ("LAJ", 1.0), "accuracy": ("Acc.", 100.0),
+           "ll_accuracy": ("LL Acc.", 100.0), "ref_loss": ("Loss", 1.0)}
 ALWAYS_SHOWN = ("rouge1", "embed_sim", "laj")
+LOWER_IS_BETTER = {"ref_loss"}
+# results.json metric key -> the per-example field of predictions.jsonl it is the mean of.
+EXAMPLE_FIELDS = {"rouge1": "rouge1", "embed_sim": "embed_sim", "laj": "laj", "accuracy": "correct",
+                  "ll_accuracy": "ll_correct", "ref_loss": "ref_loss"}
+# Paired comparisons: each method against these rows (Random at the table's fraction, Full Data at 100 %).
+PAIRED_REFERENCES = ("random", "full")
+BETTER, WORSE = "▲", "▼"
+DEFAULT_RESAMPLES = 10_000
+CONFIDENCE = 0.95
 MISSING = "–"
 DEFAULT_CURVE_METRIC = "finetune/rouge1"
 
@@ -71,6 +90,8 @@ class Run:
     metrics_by_mode: dict[str, dict]
     judge: dict | None
     embedder: str | None
+    # mode -> example id -> metric key -> score (predictions.jsonl; empty without it)
+    examples: dict[str, dict[str, dict[str, float]]]
 
 
 def _fraction_of(results: dict, path: Path) -> float:
@@ -91,6 +112,27 @@ def _embedder_name(results: dict) -> str | None:
     if isinstance(embedder, dict):
         return embedder.get("name")
     return embedder
+
+
+def load_examples(path: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """Per-example scores from the predictions.jsonl beside a results.json (mode -> id -> metric -> score),
+    in results.json's metric keys; unscored examples (an unparsed judge reply) are left out."""
+    examples: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
+    if not path.exists():
+        return {}
+    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DeliftInputError(f"not valid JSON ({err})", file=path, record=line_number) from err
+        if not isinstance(row, dict) or row.get("id") is None:
+            raise DeliftInputError("expected an object with an id", file=path, record=line_number, field="id")
+        scores = {metric: float(row[field]) for metric, field in EXAMPLE_FIELDS.items()
+                  if isinstance(row.get(field), (int, float)) and not np.isnan(row[field])}
+        examples[row.get("mode", "finetune")][str(row["id"])] = scores
+    return dict(examples)
 
 
 def load_run(path: Path) -> Run | None:
@@ -124,7 +166,7 @@ def load_run(path: Path) -> Run | None:
     return Run(path=path, selector=results["selector"], fraction=_fraction_of(results, path), seed=int(results["seed"]),
                stage=results.get("stage"), model=results.get("model"), experiment=results.get("experiment"),
                n_pool=results.get("n_pool"), metrics_by_mode=by_mode, judge=results.get("judge"),
-               embedder=_embedder_name(results))
+               embedder=_embedder_name(results), examples=load_examples(path.parent / "predictions.jsonl"))
 
 
 def collect_runs(run_dirs: list[Path]) -> tuple[list[Run], int]:
@@ -193,12 +235,11 @@ def metric_values(runs: list[Run], mode: str, metric: str) -> list[float]:
 
 
 def table_columns(runs: list[Run]) -> list[tuple[str, str]]:
-    """(mode, metric) pairs: the paper's three per mode, plus accuracy where any run has it."""
+    """(mode, metric) pairs: the paper's three per mode, plus the other metrics where any run has them."""
     columns = []
     for mode in MODES:
-        shown = list(ALWAYS_SHOWN)
-        if metric_values(runs, mode, "accuracy"):
-            shown.append("accuracy")
+        shown = list(ALWAYS_SHOWN) + [metric for metric in METRICS
+                                      if metric not in ALWAYS_SHOWN and metric_values(runs, mode, metric)]
         columns += [(mode, metric) for metric in shown]
     return columns
 
@@ -260,7 +301,13 @@ def make_caption(runs: list[Run], rows: list[dict], columns: list[tuple[str, str
     units = "ROUGE = ROUGE-1 F1 x 100 and BGE = cosine similarity of sentence embeddings"
     units += f" ({', '.join(embedders)})" if embedders else ""
     units += " of prediction and reference x 100, both in percent as in the paper; LAJ = LLM-as-judge score (1-5)"
-    units += "; Acc. = accuracy in percent." if any(metric == "accuracy" for _, metric in columns) else "."
+    shown = {metric for _, metric in columns}
+    units += "; Acc. = accuracy in percent" if "accuracy" in shown else ""
+    units += ("; LL Acc. = accuracy of the option with the highest log-likelihood, in percent"
+              if "ll_accuracy" in shown else "")
+    units += ("; Loss = mean token negative log-likelihood of the reference answer (nats, lower is better)"
+              if "ref_loss" in shown else "")
+    units += "."
     cells = (f"Cells: mean ± sample std (ddof=1) over seeds ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}: "
              f"{', '.join(map(str, seeds))}); a cell without ± comes from a single seed (n=1); "
              f"{MISSING} = not measured.")
@@ -270,7 +317,91 @@ def make_caption(runs: list[Run], rows: list[dict], columns: list[tuple[str, str
     return " ".join(part for part in parts if part)
 
 
-def build_table(runs: list[Run], fraction: float | None, title: str | None = None) -> dict:
+def bootstrap_mean(values, resamples: int = DEFAULT_RESAMPLES, seed: int = 0, confidence: float = CONFIDENCE) -> dict:
+    """The mean of `values` and its percentile bootstrap interval: `resamples` means of len(values) draws
+    with replacement, from a numpy Generator seeded with `seed` (the same values give the same interval)."""
+    values = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    means, chunk = [], max(1, 2_000_000 // len(values))  # bounded memory for large evaluation sets
+    for start in range(0, resamples, chunk):
+        draws = rng.integers(0, len(values), size=(min(chunk, resamples - start), len(values)))
+        means.append(values[draws].mean(axis=1))
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(np.concatenate(means), [tail, 100 - tail])
+    return {"mean": float(values.mean()), "lo": float(low), "hi": float(high)}
+
+
+def verdict(interval: dict, metric: str) -> str | None:
+    """"better" or "worse" than the reference where the interval of the difference excludes 0, else None."""
+    if interval["lo"] > 0 or interval["hi"] < 0:
+        higher = interval["lo"] > 0
+        return "better" if higher != (metric in LOWER_IS_BETTER) else "worse"
+    return None
+
+
+def paired_differences(runs: list[Run], references: list[Run], mode: str, metric: str) -> tuple[list[float], dict]:
+    """method - reference per (seed, example id) scored in both (table units), and the examples paired per seed."""
+    factor = METRICS[metric][1]
+    by_seed = {run.seed: run for run in references}
+    differences, per_seed = [], {}
+    for run in sorted(runs, key=lambda run: run.seed):
+        reference = by_seed.get(run.seed)
+        if reference is None:
+            continue
+        ours, theirs = run.examples.get(mode, {}), reference.examples.get(mode, {})
+        paired = [i for i in ours if metric in ours[i] and metric in theirs.get(i, {})]
+        if paired:
+            per_seed[run.seed] = len(paired)
+            differences += [(ours[i][metric] - theirs[i][metric]) * factor for i in paired]
+    return differences, per_seed
+
+
+def paired_cell(runs: list[Run], references: list[Run], mode: str, metric: str, resamples: int, seed: int) -> dict | None:
+    """One paired comparison: the mean difference, its bootstrap interval, the verdict, the seeds and the
+    evaluation examples paired per seed (n_eval, in the order of `seeds`); None without pairs."""
+    differences, per_seed = paired_differences(runs, references, mode, metric)
+    if not differences:
+        return None
+    interval = bootstrap_mean(differences, resamples, seed)
+    seeds = sorted(per_seed)
+    return interval | {"verdict": verdict(interval, metric), "n_pairs": len(differences), "seeds": seeds,
+                       "n_eval": [per_seed[s] for s in seeds]}
+
+
+def paired_comparisons(by_selector: dict[str, list[Run]], columns: list[tuple[str, str]], resamples: int,
+                       seed: int) -> dict | None:
+    """Against each reference row present (Random, Full Data), every other row's paired cell per column;
+    None where no run has per-example scores."""
+    references = []
+    for reference in PAIRED_REFERENCES:
+        if reference not in by_selector:
+            continue
+        rows = [{"selector": selector, "name": row_name(selector),
+                 "cells": {f"{mode}/{metric}": paired_cell(by_selector[selector], by_selector[reference], mode, metric,
+                                                           resamples, seed) for mode, metric in columns}}
+                for selector in row_order(by_selector) if selector != reference]
+        if any(cell for row in rows for cell in row["cells"].values()):
+            references.append({"selector": reference, "name": row_name(reference), "rows": rows})
+    if not references:
+        return None
+    return {"resamples": resamples, "seed": seed, "confidence": CONFIDENCE, "references": references}
+
+
+def paired_caption(paired: dict) -> str:
+    cells = [cell for reference in paired["references"] for row in reference["rows"]
+             for cell in row["cells"].values() if cell]
+    sizes = sorted({cell["n_pairs"] for cell in cells})
+    pairs = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+    return (f"Paired differences: method - reference over (seed, evaluation example) pairs, the two runs of a seed "
+            f"sharing their evaluation examples, in table units; [lo, hi] = {100 * paired['confidence']:g} % "
+            f"percentile bootstrap interval of the mean difference ({paired['resamples']:,} resamples of the pairs, "
+            f"seed {paired['seed']}); {pairs} pairs per cell (seeds x evaluation examples scored in both runs). "
+            f"{BETTER} better, {WORSE} worse than the reference, marked only where the interval excludes 0 "
+            f"(Loss: lower is better); {MISSING} = no pairs.")
+
+
+def build_table(runs: list[Run], fraction: float | None, title: str | None = None, *,
+                resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
     """The main table as plain data: columns, rows with {mean, std, n} cells (table units), caption."""
     in_table = [run for run in runs if _in_table(run, fraction)]
     if fraction is not None and all(run.selector in FIXED_FRACTIONS for run in in_table):
@@ -290,10 +421,14 @@ def build_table(runs: list[Run], fraction: float | None, title: str | None = Non
         label = ", ".join(_names(r.experiment for r in in_table) or _names(r.stage for r in in_table)) or "results"
         subset = f", subsets at {_pct(fraction)}" if fraction is not None else ""
         title = f"{label}: {', '.join(_names(r.model for r in in_table)) or 'model not recorded'}{subset}"
-    return {"title": title, "fraction": fraction, "units": "ROUGE, BGE, accuracy in percent; LAJ 1-5",
+    paired = paired_comparisons(by_selector, columns, resamples, seed)
+    if paired is not None:
+        paired["caption"] = paired_caption(paired)
+    return {"title": title, "fraction": fraction,
+            "units": "ROUGE, BGE, accuracies in percent; LAJ 1-5; Loss in nats per token",
             "columns": [{"key": f"{mode}/{metric}", "mode": MODES[mode], "metric": METRICS[metric][0]}
                         for mode, metric in columns],
-            "rows": rows, "caption": make_caption(in_table, rows, columns, fraction),
+            "rows": rows, "caption": make_caption(in_table, rows, columns, fraction), "paired": paired,
             "sources": [str(run.path) for run in in_table]}
 
 
@@ -305,19 +440,43 @@ def format_cell(cell: dict | None) -> str:
     return f"{cell['mean']:.2f} ± {cell['std']:.2f}"
 
 
+MARKS = {"better": BETTER, "worse": WORSE, None: ""}
+
+
+def format_difference(cell: dict | None) -> str:
+    """+1.23 [0.40, 2.05] ▲: the mean difference, its interval and, where it excludes 0, the verdict."""
+    if cell is None:
+        return MISSING
+    return f"{_signed(cell['mean'])} [{cell['lo']:.2f}, {cell['hi']:.2f}] {MARKS[cell['verdict']]}".rstrip()
+
+
+def _signed(value: float) -> str:
+    return f"{round(value, 2) + 0.0:+.2f}"  # + 0.0: a difference rounding to zero shows as +0.00, not -0.00
+
+
+def _markdown_grid(columns: list[dict], rows: list[dict], format_row_cell) -> list[str]:
+    header = ["Method"] + [f"{c['mode']} {c['metric']}" for c in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * len(columns)) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join([row["name"]] + [format_row_cell(row["cells"][c["key"]]) for c in columns]) + " |")
+    return lines
+
+
 def to_markdown(table: dict) -> str:
-    header = ["Method"] + [f"{c['mode']} {c['metric']}" for c in table["columns"]]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * len(table["columns"])) + "|"]
-    for row in table["rows"]:
-        cells = [format_cell(row["cells"][c["key"]]) for c in table["columns"]]
-        lines.append("| " + " | ".join([row["name"]] + cells) + " |")
-    caption = f"**Table: {table['title']}.** {table['caption']}"
-    return "\n".join(lines) + "\n\n" + caption + "\n"
+    lines = _markdown_grid(table["columns"], table["rows"], format_cell)
+    text = "\n".join(lines) + "\n\n" + f"**Table: {table['title']}.** {table['caption']}\n"
+    for reference in (table.get("paired") or {}).get("references", []):
+        grid = _markdown_grid(table["columns"], reference["rows"], format_difference)
+        text += (f"\n**Paired differences vs {reference['name']}** ({table['title']}).\n\n" + "\n".join(grid) + "\n")
+    if table.get("paired"):
+        text += f"\n{table['paired']['caption']}\n"
+    return text
 
 
 LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "±": r"$\pm$", "–": "--", "<": r"\textless{}", ">": r"\textgreater{}"}
+                  "±": r"$\pm$", "–": "--", "<": r"\textless{}", ">": r"\textgreater{}",
+                  BETTER: r"$\uparrow$", WORSE: r"$\downarrow$"}
 
 
 def latex_escape(text: str) -> str:
@@ -332,16 +491,30 @@ def _latex_cell(cell: dict | None) -> str:
     return f"${cell['mean']:.2f} \\pm {cell['std']:.2f}$"
 
 
+def _latex_difference(cell: dict | None) -> str:
+    if cell is None:
+        return "--"
+    return f"${_signed(cell['mean'])}$ [{cell['lo']:.2f}, {cell['hi']:.2f}] {latex_escape(MARKS[cell['verdict']])}".rstrip()
+
+
 def to_latex(table: dict, label: str = "results") -> str:
-    columns = table["columns"]
+    text = "% Generated by experiments/make_tables.py; edit the runs, not this file.\n"
+    text += _latex_table(table["columns"], table["rows"], _latex_cell, f"{table['title']}.", table["caption"], label)
+    for reference in (table.get("paired") or {}).get("references", []):
+        text += _latex_table(table["columns"], reference["rows"], _latex_difference,
+                             f"{table['title']}: paired differences vs {reference['name']}.",
+                             table["paired"]["caption"], f"{label}-vs-{reference['selector']}")
+    return text
+
+
+def _latex_table(columns: list[dict], rows: list[dict], format_row_cell, title: str, caption: str, label: str) -> str:
     spans = []  # (mode, first column, last column), 1-based after the Method column
     for index, column in enumerate(columns, start=2):
         if spans and spans[-1][0] == column["mode"]:
             spans[-1][2] = index
         else:
             spans.append([column["mode"], index, index])
-    lines = ["% Generated by experiments/make_tables.py; edit the runs, not this file.",
-             r"\begin{table}[t]", r"\centering",
+    lines = [r"\begin{table}[t]", r"\centering",
              r"\begin{tabular}{l" + "".join(" " + "c" * (last - first + 1) for _, first, last in spans) + "}",
              r"\toprule",
              " & " + " & ".join(rf"\multicolumn{{{last - first + 1}}}{{c}}{{{latex_escape(mode)}}}"
@@ -349,12 +522,12 @@ def to_latex(table: dict, label: str = "results") -> str:
              " ".join(rf"\cmidrule(lr){{{first}-{last}}}" for _, first, last in spans),
              "Method & " + " & ".join(latex_escape(c["metric"]) for c in columns) + r" \\",
              r"\midrule"]
-    for row in table["rows"]:
-        cells = [_latex_cell(row["cells"][c["key"]]) for c in columns]
+    for row in rows:
+        cells = [format_row_cell(row["cells"][c["key"]]) for c in columns]
         lines.append(" & ".join([latex_escape(row["name"])] + cells) + r" \\")
     safe_label = re.sub(r"[^A-Za-z0-9:_-]", "-", label)
     lines += [r"\bottomrule", r"\end{tabular}",
-              rf"\caption{{\textbf{{{latex_escape(table['title'])}.}} {latex_escape(table['caption'])}}}",
+              rf"\caption{{\textbf{{{latex_escape(title)}}} {latex_escape(caption)}}}",
               rf"\label{{tab:{safe_label}}}", r"\end{table}"]
     return "\n".join(lines) + "\n"
 
@@ -372,8 +545,20 @@ def _curve_key(runs: list[Run], requested: str) -> str | None:
     return None
 
 
-def budget_curves(runs: list[Run], requested: str = DEFAULT_CURVE_METRIC) -> dict | None:
-    """Per subset selector, the metric at each fraction; None unless some selector has several fractions."""
+def example_values(runs: list[Run], mode: str, metric: str) -> list[float]:
+    """The per-example scores of every run that has them, over (seed, example), in table units."""
+    factor = METRICS[metric][1]
+    return [scores[metric] * factor for run in runs for scores in run.examples.get(mode, {}).values()
+            if metric in scores]
+
+
+def budget_curves(runs: list[Run], requested: str = DEFAULT_CURVE_METRIC, *, resamples: int = DEFAULT_RESAMPLES,
+                  seed: int = 0) -> dict | None:
+    """Per subset selector, the metric at each fraction; None unless some selector has several fractions.
+
+    Each point is {mean, std, n} over seeds; with per-example scores also `pooled`: the mean over
+    (seed, example) and its bootstrap interval (lo, hi), which the plot's error bars show.
+    """
     key = _curve_key(runs, requested)
     if key is None:
         return None
@@ -387,6 +572,8 @@ def budget_curves(runs: list[Run], requested: str = DEFAULT_CURVE_METRIC) -> dic
         summary = summarize(metric_values(group, mode, metric))
         if summary is None:
             continue
+        scores = example_values(group, mode, metric)
+        summary["pooled"] = bootstrap_mean(scores, resamples, seed) if scores else None
         if selector in FIXED_FRACTIONS:
             references[selector] = summary
         else:
@@ -408,17 +595,32 @@ def plot_budget(curves: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    bootstrapped = False
     for selector, points in curves["selectors"].items():
         x = np.array([100 * p["fraction"] for p in points])
-        mean = np.array([p["mean"] for p in points])
-        std = np.array([p["std"] if p["std"] is not None else 0.0 for p in points])
-        (line,) = ax.plot(x, mean, marker="o", label=row_name(selector))
-        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+        mean, below, above = [], [], []
+        for point in points:
+            if point["pooled"]:  # the bootstrap interval of the mean over (seed, example)
+                pooled = point["pooled"]
+                mean.append(pooled["mean"])
+                below.append(pooled["mean"] - pooled["lo"])
+                above.append(pooled["hi"] - pooled["mean"])
+                bootstrapped = True
+            else:  # results.json alone: ± the std over seeds
+                mean.append(point["mean"])
+                below.append(point["std"] or 0.0)
+                above.append(point["std"] or 0.0)
+        ax.errorbar(x, mean, yerr=[below, above], marker="o", capsize=3, label=row_name(selector))
     styles = {"full": ("--", "black"), "initial": (":", "gray")}
     for selector, summary in curves["references"].items():
         linestyle, color = styles[selector]
-        ax.axhline(summary["mean"], linestyle=linestyle, color=color, label=row_name(selector))
-    ax.set(xlabel="subset size (% of the pool)", ylabel=curves["label"], title=curves["title"])
+        pooled = summary["pooled"]
+        ax.axhline(pooled["mean"] if pooled else summary["mean"], linestyle=linestyle, color=color,
+                   label=row_name(selector))
+        if pooled:
+            ax.axhspan(pooled["lo"], pooled["hi"], color=color, alpha=0.1, linewidth=0)
+    bars = "95 % bootstrap interval over (seed, example)" if bootstrapped else "± std over seeds"
+    ax.set(xlabel=f"subset size (% of the pool); error bars: {bars}", ylabel=curves["label"], title=curves["title"])
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
@@ -448,6 +650,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fraction", type=float, help="subset fraction of the main table (default: the most common)")
     parser.add_argument("--curve-metric", default=DEFAULT_CURVE_METRIC,
                         help="MODE/METRIC of the budget curve, e.g. icl/embed_sim (default: %(default)s)")
+    parser.add_argument("--bootstrap", type=int, default=DEFAULT_RESAMPLES,
+                        help="bootstrap resamples of the paired differences and curve points (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: %(default)s)")
     return parser.parse_args(argv)
 
 
@@ -456,8 +661,10 @@ def main(argv=None) -> int:
     try:
         runs, skipped = collect_runs(args.run_dirs)
         fraction = table_fraction(runs, args.fraction)
-        table = build_table(runs, fraction, args.title)
-        curves = budget_curves(runs, args.curve_metric)
+        if args.bootstrap < 1:
+            raise DeliftInputError(f"must be at least 1, got {args.bootstrap}", field="--bootstrap")
+        table = build_table(runs, fraction, args.title, resamples=args.bootstrap, seed=args.seed)
+        curves = budget_curves(runs, args.curve_metric, resamples=args.bootstrap, seed=args.seed)
     except DeliftInputError as err:
         print(f"make_tables: error: {err}", file=sys.stderr)
         return 2

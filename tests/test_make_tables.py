@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "make_tables.py"
@@ -223,3 +224,140 @@ def test_results_without_modes_or_fraction(tmp_path):
         {"selector": "delift", "seed": 1, "fraction": 0.3, "metrics": {"rouge1": "high"}}))
     with pytest.raises(make_tables.DeliftInputError, match="field 'finetune.rouge1'"):
         make_tables.collect_runs([tmp_path / "outputs"])
+
+
+# -- paired statistics -------------------------------------------------------------------------------
+
+
+def test_bootstrap_of_constant_differences_is_that_value_and_significant():
+    interval = make_tables.bootstrap_mean([2.5] * 30, resamples=1000, seed=0)
+    assert interval == {"mean": pytest.approx(2.5), "lo": pytest.approx(2.5), "hi": pytest.approx(2.5)}
+    assert make_tables.verdict(interval, "rouge1") == "better"
+    assert make_tables.verdict(interval, "ref_loss") == "worse"  # a higher loss is worse
+    assert make_tables.verdict(make_tables.bootstrap_mean([-1.0] * 5), "ref_loss") == "better"
+
+
+def test_bootstrap_interval_of_a_symmetric_design_is_known_and_not_significant():
+    # n = 100 differences of +-d: the resampled mean has sd d / sqrt(n) = 0.1 d (population variance d^2),
+    # so the 95 % interval is about +-1.96 * 0.1 d around 0 (the mean of 100 draws moves in steps of 0.02 d).
+    d = 3.0
+    interval = make_tables.bootstrap_mean([d, -d] * 50, seed=1)
+    assert interval["mean"] == pytest.approx(0.0)
+    assert interval["lo"] == pytest.approx(-0.196 * d, abs=0.025 * d)
+    assert interval["hi"] == pytest.approx(0.196 * d, abs=0.025 * d)
+    assert make_tables.verdict(interval, "rouge1") is None
+    # The same design shifted by 1.5 d excludes 0: better.
+    shifted = make_tables.bootstrap_mean([2.5 * d, 0.5 * d] * 50, seed=1)
+    assert shifted["lo"] == pytest.approx(1.5 * d - 0.196 * d, abs=0.025 * d)
+    assert make_tables.verdict(shifted, "rouge1") == "better"
+    # Seeded: the same values and seed give the same interval.
+    assert make_tables.bootstrap_mean([d, -d] * 50, seed=1) == interval
+
+
+N_EVAL = 10
+
+
+def _write_paired_run(folder: Path, selector: str, seed: int, fraction: float, rouge, loss, correct):
+    """results.json and predictions.jsonl with the given per-example scores (fine-tuned mode); the metrics
+    are their means, as the pipeline writes them."""
+    rows = [{"mode": "finetune", "id": f"seed{seed}/ex{k}", "prediction": "p", "reference": "r", "rouge1": rouge[k],
+             "embed_sim": 0.5, "ref_loss": loss[k]} | ({"correct": correct[k]} if correct[k] is not None else {})
+            for k in range(N_EVAL)]
+    judged = [c for c in correct if c is not None]
+    accuracy = {"accuracy": float(np.mean(judged))} if judged else {}
+    _write_run(folder, selector, seed, fraction,
+               finetune=_metrics(float(np.mean(rouge)), 0.5, ref_loss=float(np.mean(loss)), **accuracy))
+    (folder / "predictions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _write_paired_grid(root: Path) -> Path:
+    """Random's scores differ by example and seed; DELIFT = Random + 0.05 ROUGE and - 0.5 loss on every
+    example; Full Data = Random + 0.05 and - 0.05 ROUGE on alternate examples (a symmetric design)."""
+    job = iter(range(1000))
+    for seed in (0, 1, 2):
+        base = [0.2 + 0.03 * k + 0.01 * seed for k in range(N_EVAL)]
+        loss = [2.0 + 0.1 * k for k in range(N_EVAL)]
+        correct = [k % 2 == 0 if k < 6 else None for k in range(N_EVAL)]  # 6 checkable answers per seed
+        runs = {"random": ([r for r in base], loss, correct),
+                "delift": ([r + 0.05 for r in base], [x - 0.5 for x in loss], correct),
+                "full": ([r + (0.05 if k % 2 else -0.05) for k, r in enumerate(base)], loss, correct)}
+        for selector, (rouge, ref_loss, right) in runs.items():
+            fraction = 1.0 if selector == "full" else 0.3
+            _write_paired_run(root / str(next(job)), selector, seed, fraction, rouge, ref_loss, right)
+    # A seed without a Random run to pair with: left out of the comparison.
+    _write_paired_run(root / str(next(job)), "delift", 3, 0.3, [0.9] * N_EVAL, [9.0] * N_EVAL, [True] * N_EVAL)
+    return root
+
+
+def _paired(table, reference, selector, key):
+    rows = next(ref for ref in table["paired"]["references"] if ref["selector"] == reference)["rows"]
+    return next(row for row in rows if row["selector"] == selector)["cells"][key]
+
+
+def test_paired_differences_vs_random_and_full(tmp_path):
+    root = _write_paired_grid(tmp_path / "runs")
+    table, _, _ = _table(root)
+    assert [c["key"] for c in table["columns"]] == ["icl/rouge1", "icl/embed_sim", "icl/laj", "finetune/rouge1",
+                                                    "finetune/embed_sim", "finetune/laj", "finetune/accuracy",
+                                                    "finetune/ref_loss"]
+    assert [ref["name"] for ref in table["paired"]["references"]] == ["Random", "Full Data"]
+    # Constant differences: a zero-width interval at that value, significant.
+    rouge = _paired(table, "random", "delift", "finetune/rouge1")
+    assert (rouge["mean"], rouge["lo"], rouge["hi"]) == pytest.approx((5.0, 5.0, 5.0))
+    assert rouge["verdict"] == "better"
+    assert rouge["seeds"] == [0, 1, 2] and rouge["n_eval"] == [N_EVAL] * 3 and rouge["n_pairs"] == 30
+    loss = _paired(table, "random", "delift", "finetune/ref_loss")
+    assert (loss["mean"], loss["lo"], loss["hi"], loss["verdict"]) == (pytest.approx(-0.5), pytest.approx(-0.5),
+                                                                       pytest.approx(-0.5), "better")
+    accuracy = _paired(table, "random", "delift", "finetune/accuracy")
+    assert accuracy["n_eval"] == [6, 6, 6] and (accuracy["mean"], accuracy["verdict"]) == (0.0, None)
+    # +-5 on alternate examples (n = 30): mean 0, interval about +-1.96 * 5 / sqrt(30) = +-1.79, not significant.
+    full = _paired(table, "random", "full", "finetune/rouge1")
+    assert full["mean"] == pytest.approx(0.0, abs=1e-9)
+    assert full["lo"] == pytest.approx(-1.79, abs=0.25) and full["hi"] == pytest.approx(1.79, abs=0.25)
+    assert full["verdict"] is None
+    # DELIFT - Full is 0 or +10 on alternate examples: mean 5 +- 1.79, significantly better.
+    delift_full = _paired(table, "full", "delift", "finetune/rouge1")
+    assert delift_full["mean"] == pytest.approx(5.0) and delift_full["lo"] > 2.5 and delift_full["verdict"] == "better"
+    assert _paired(table, "random", "delift", "icl/rouge1") is None  # no ICL predictions
+    assert table["paired"]["resamples"] == 10_000 and table["paired"]["seed"] == 0
+
+
+def test_paired_tables_in_markdown_latex_and_json(tmp_path):
+    root = _write_paired_grid(tmp_path / "runs")
+    out = tmp_path / "results" / "paired"
+    assert make_tables.main([str(root), "--out", str(out), "--bootstrap", "2000", "--seed", "7"]) == 0
+    markdown = out.with_name("paired.md").read_text()
+    assert "**Paired differences vs Random**" in markdown and "**Paired differences vs Full Data**" in markdown
+    delift_row = next(line for line in markdown.splitlines() if line.startswith("| DELIFT | – | – | – | +5.00"))
+    assert "+5.00 [5.00, 5.00] ▲" in delift_row and "-0.50 [-0.50, -0.50] ▲" in delift_row
+    assert "+0.00 [" in delift_row and "] ▼" not in delift_row  # accuracy: equal, no mark
+    assert "2,000 resamples of the pairs, seed 7" in markdown and "marked only where the interval excludes 0" in markdown
+    assert "Loss = mean token negative log-likelihood" in markdown
+    tex = out.with_name("paired.tex").read_text()
+    assert r"$+5.00$ [5.00, 5.00] $\uparrow$" in tex and r"\label{tab:paired-vs-random}" in tex
+    assert "▲" not in tex and tex.count(r"\begin{table}") == 3
+    saved = json.loads(out.with_name("paired.json").read_text())
+    assert saved["paired"]["resamples"] == 2000 and saved["paired"]["seed"] == 7
+    vs_random = saved["paired"]["references"][0]
+    cell = next(row for row in vs_random["rows"] if row["name"] == "Full Data")["cells"]["finetune/rouge1"]
+    assert "| Full Data | – | – | – | +0.00 [-1.67, 1.67] |" in markdown  # no "-0.00", no mark
+    assert cell["seeds"] == [0, 1, 2] and cell["n_eval"] == [N_EVAL] * 3 and cell["verdict"] is None
+
+
+def test_budget_curve_error_bars_are_bootstrap_intervals(tmp_path):
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        for fraction, rouge in ((0.1, 0.3), (0.3, 0.5)):
+            scores = [rouge + (0.1 if k % 2 else -0.1) for k in range(N_EVAL)]
+            _write_paired_run(root / f"{fraction}-{seed}", "random", seed, fraction, scores, [1.0] * N_EVAL,
+                              [None] * N_EVAL)
+    runs, _ = make_tables.collect_runs([root])
+    points = make_tables.budget_curves(runs, resamples=4000)["selectors"]["random"]
+    # 20 (seed, example) scores of +-10 around the mean: interval about +-1.96 * 10 / sqrt(20) = +-4.4.
+    for point, mean in zip(points, (30.0, 50.0)):
+        assert point["pooled"]["mean"] == pytest.approx(mean)
+        assert point["pooled"]["lo"] == pytest.approx(mean - 4.4, abs=0.8)
+        assert point["pooled"]["hi"] == pytest.approx(mean + 4.4, abs=0.8)
+    png = make_tables.plot_budget(make_tables.budget_curves(runs), tmp_path / "curve.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
