@@ -204,6 +204,9 @@ class DeliftConfig:
         "where every model runs: auto = CUDA when present")
     progress: bool = _help("progress bars on long steps")
     resume: bool = _help("continue fine-tuning from the run directory's last checkpoint")
+    skip_done: bool = _help("skip a job whose run directory already holds results.json of this same config (up to "
+                            "paths, logger, progress, resume) and return those results: continue a multirun with "
+                            "hydra.sweep.dir=<its folder>")
     optimized_metric: str = _help("the metric a sweep's objective returns")
     experiment_name: str | None = _help("groups W&B runs and tables; presets name themselves")
 

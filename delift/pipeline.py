@@ -6,6 +6,7 @@ own module and is usable alone (see the README's Python API section).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -13,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from delift.cache import save_json, save_jsonl
 from delift.data import build_stage
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 
 # Selection info that differs between runs of one config (seconds): results.json only.
 RUN_DEPENDENT_INFO = ("timings", "kernel_report")
+# Top-level keys that say where and how a job runs, not what it computes: `skip_done` finds a job
+# done whatever they hold (another machine's folders, another logger, resume on or off).
+NOT_RESULT_KEYS = ("paths", "logger", "progress", "resume", "skip_done")
 
 
 @contextmanager
@@ -137,13 +141,22 @@ def run(cfg: DictConfig) -> dict:
     Under DDP (trainer=ddp) every rank runs this function; the kernel's tiles and fine-tuning's
     batches are split over the ranks, and only rank 0 writes files, logs and evaluates (generation
     is a small share of a job, and one process keeps the predictions those of a single-process run).
-    The other ranks return {"rank_zero": False} once fine-tuning is done.
+    The other ranks return {"rank_zero": False} once fine-tuning is done. With `skip_done`, a job whose
+    folder already holds this config's results returns them and computes nothing (`finished_results`).
     """
     check_launch(cfg)
     writes = is_global_zero()
     output_dir = Path(cfg.paths.output_dir)
+    if cfg.get("skip_done"):
+        done = finished_results(cfg, output_dir)
+        if done is not None:
+            log.info("Skipped: %s already holds the results of this config (skip_done=true)", output_dir)
+            return done if writes else {"rank_zero": False}
     if writes:
         output_dir.mkdir(parents=True, exist_ok=True)
+        # results.json is written last: one left from an earlier run here (another config, or this job
+        # before it was interrupted) must not pass for this run's while it is under way.
+        (output_dir / "results.json").unlink(missing_ok=True)
         (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     # The logger's run starts with the job: kernel and selection timings and failures land in it too.
     tracker = start_tracker(cfg, output_dir) if writes else Tracker()
@@ -154,6 +167,29 @@ def run(cfg: DictConfig) -> dict:
         raise
     tracker.close(failed=False)
     return results
+
+
+def finished_results(cfg: DictConfig, output_dir: Path) -> dict | None:
+    """The results of `output_dir` when a run of this same config finished there, else None.
+
+    Finished: results.json exists (written last, atomically). Same config: its config_resolved.yaml
+    equals `cfg` resolved with that run's `paths` (so interpolations of the folders agree across
+    machines), both without NOT_RESULT_KEYS.
+    """
+    results_path, config_path = output_dir / "results.json", output_dir / "config_resolved.yaml"
+    if not (results_path.is_file() and config_path.is_file()):
+        return None
+    stored = OmegaConf.load(config_path)
+    current = cfg.copy()  # a shallow copy: replacing its paths leaves cfg's alone
+    with open_dict(current):
+        current.paths = stored.paths
+    ours, theirs = OmegaConf.to_container(current, resolve=True), OmegaConf.to_container(stored, resolve=False)
+    for key in NOT_RESULT_KEYS:
+        ours.pop(key, None)
+        theirs.pop(key, None)
+    if ours != theirs:
+        return None
+    return json.loads(results_path.read_text(encoding="utf-8"))
 
 
 def _run_job(cfg: DictConfig, output_dir: Path, writes: bool, tracker: Tracker) -> dict:
