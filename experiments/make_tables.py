@@ -356,7 +356,8 @@ def paired_differences(runs: list[Run], references: list[Run], mode: str, metric
     return differences, per_seed
 
 
-def paired_cell(runs: list[Run], references: list[Run], mode: str, metric: str, resamples: int, seed: int) -> dict | None:
+def paired_cell(runs: list[Run], references: list[Run], mode: str, metric: str, resamples: int,
+               seed: int) -> dict | None:
     """One paired comparison: the mean difference, its bootstrap interval, the verdict, the seeds and the
     evaluation examples paired per seed (n_eval, in the order of `seeds`); None without pairs."""
     differences, per_seed = paired_differences(runs, references, mode, metric)
@@ -458,7 +459,8 @@ def _markdown_grid(columns: list[dict], rows: list[dict], format_row_cell) -> li
     header = ["Method"] + [f"{c['mode']} {c['metric']}" for c in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * len(columns)) + "|"]
     for row in rows:
-        lines.append("| " + " | ".join([row["name"]] + [format_row_cell(row["cells"][c["key"]]) for c in columns]) + " |")
+        cells = [format_row_cell(row["cells"][c["key"]]) for c in columns]
+        lines.append("| " + " | ".join([row["name"]] + cells) + " |")
     return lines
 
 
@@ -494,7 +496,8 @@ def _latex_cell(cell: dict | None) -> str:
 def _latex_difference(cell: dict | None) -> str:
     if cell is None:
         return "--"
-    return f"${_signed(cell['mean'])}$ [{cell['lo']:.2f}, {cell['hi']:.2f}] {latex_escape(MARKS[cell['verdict']])}".rstrip()
+    mark = latex_escape(MARKS[cell["verdict"]])
+    return f"${_signed(cell['mean'])}$ [{cell['lo']:.2f}, {cell['hi']:.2f}] {mark}".rstrip()
 
 
 def to_latex(table: dict, label: str = "results") -> str:

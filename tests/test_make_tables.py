@@ -332,7 +332,8 @@ def test_paired_tables_in_markdown_latex_and_json(tmp_path):
     delift_row = next(line for line in markdown.splitlines() if line.startswith("| DELIFT | – | – | – | +5.00"))
     assert "+5.00 [5.00, 5.00] ▲" in delift_row and "-0.50 [-0.50, -0.50] ▲" in delift_row
     assert "+0.00 [" in delift_row and "] ▼" not in delift_row  # accuracy: equal, no mark
-    assert "2,000 resamples of the pairs, seed 7" in markdown and "marked only where the interval excludes 0" in markdown
+    assert "2,000 resamples of the pairs, seed 7" in markdown
+    assert "marked only where the interval excludes 0" in markdown
     assert "Loss = mean token negative log-likelihood" in markdown
     tex = out.with_name("paired.tex").read_text()
     assert r"$+5.00$ [5.00, 5.00] $\uparrow$" in tex and r"\label{tab:paired-vs-random}" in tex
