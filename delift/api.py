@@ -65,8 +65,9 @@ def select(records, method: str = "delift", fraction: float = 0.3, *, model=None
     model_override = [f"model={model}"] if isinstance(model, str) else []
     GlobalHydra.instance().clear()
     with initialize_config_module("delift.conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"selector={method}", f"seed={seed}",
-                                                       f"progress={str(bool(progress)).lower()}", *model_override, *overrides])
+        cfg = compose(config_name="config", overrides=[
+            f"selector={method}", f"seed={seed}", f"progress={str(bool(progress)).lower()}", *model_override,
+            *overrides])
     GlobalHydra.instance().clear()
     with tempfile.TemporaryDirectory(prefix="delift-select-") as scratch:
         out = Path(output_dir or scratch)

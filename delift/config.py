@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from delift.errors import DeliftInputError
 from delift.export import ExportFormat
-from delift.metrics import Normalization, OptionFormat
+from delift.metrics import LengthNormalization, OptionFormat
 from delift.objectives import Objective
 from delift.schema import Pattern, Range, Target, check, check_fields, describe, field_key, target_parameters
 
@@ -31,8 +31,9 @@ NonNegative = Annotated[int, Range(0)]
 Fraction = Annotated[float, Range(0, 1, low_open=True)]  # (0, 1]
 Share = Annotated[float, Range(0, 1, high_open=True)]  # [0, 1)
 Role = Literal["pool", "target", "existing", "eval"]
-# delift.utility.kernel reads the engines from here: importing it would load torch and Lightning.
+# delift.utility.kernel and delift.training read these from here: importing them would load torch and Lightning.
 Engine = Literal["naive", "fast", "knn", "proxy"]
+Schedule = Literal["constant", "linear"]
 
 
 def _help(text: str, default=dataclasses.MISSING, **extra):
@@ -135,7 +136,7 @@ class OptimConfig:
     grad_accum: Positive = _help("micro-batches per optimizer step")
     max_length: Positive = _help("tokens per training sequence")
     weight_decay: Annotated[float, Range(0)] = _help("AdamW weight decay")
-    schedule: Literal["constant", "linear"] = _help("learning-rate schedule (linear: decay to 0 at the last step)")
+    schedule: Schedule = _help("learning-rate schedule (linear: decay to 0 at the last step)")
     warmup_ratio: Share = _help("linear warm-up over this share of the optimizer steps")
 
 
@@ -156,7 +157,7 @@ class LikelihoodConfig:
     options: bool = _help("multiple-choice records: ll_accuracy, the option of highest log-likelihood as the answer")
     option_format: OptionFormat = _help("the scored continuation: letter_text (B. text: what the prompt asks for, as "
                                         "the records' outputs) | letter (B; lm-evaluation-harness's MMLU) | text")
-    normalize: Normalization = _help("none: summed log-probs (lm-evaluation-harness's acc) | token: per token | "
+    normalize: LengthNormalization = _help("none: summed log-probs (lm-evaluation-harness's acc) | token: per token | "
                                      "char: per character (its acc_norm)")
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from delift.generation import MAX_PROMPT_TOKENS, continuation_log_probs, generate
-from delift.metrics import Normalization, OptionFormat, likelihood_scores, option_continuations, score_predictions
+from delift.metrics import LengthNormalization, OptionFormat, likelihood_scores, option_continuations, score_predictions
 from delift.prompts import format_prompt, response_token_ids
 
 
@@ -14,7 +14,8 @@ def evaluate(model, tokenizer, records: list[dict], embedder, *, max_new_tokens:
              use_chat_template: bool = True, do_sample: bool = False, progress: bool = True,
              demonstrations: list[list[dict]] | None = None, judge=None,
              rouge_stemmer: bool = False, ref_loss: bool = True, option_ll: bool = True,
-             option_format: OptionFormat = "letter_text", normalize: Normalization = "none") -> tuple[dict, list[dict]]:
+             option_format: OptionFormat = "letter_text",
+             normalize: LengthNormalization = "none") -> tuple[dict, list[dict]]:
     """Generate for each record and score; returns (metrics, prediction rows).
 
     `demonstrations[i]`, when given, are in-context examples placed before record i; `judge`, when
@@ -46,7 +47,7 @@ def evaluate(model, tokenizer, records: list[dict], embedder, *, max_new_tokens:
 
 def record_likelihoods(model, tokenizer, records: list[dict], prompts: list[str], *, ref_loss: bool = True,
                        option_ll: bool = True, option_format: OptionFormat = "letter_text",
-                       normalize: Normalization = "none", batch_size: int = 8,
+                       normalize: LengthNormalization = "none", batch_size: int = 8,
                        progress: bool = True) -> tuple[dict, list[dict]]:
     """Teacher-forced scores of each record after its prompt (delift.metrics.likelihood_scores).
 

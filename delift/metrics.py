@@ -25,7 +25,7 @@ from delift.errors import DeliftInputError
 OptionFormat = Literal["letter", "text", "letter_text"]
 # How an option's log-likelihood is compared (`eval.likelihood.normalize`): the sum over its tokens
 # (lm-evaluation-harness's acc), per token, or per character (its acc_norm).
-Normalization = Literal["none", "token", "char"]
+LengthNormalization = Literal["none", "token", "char"]
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 # Four options (MMLU's) when a record's own options cannot be read.
@@ -204,11 +204,11 @@ def option_continuations(rec: Mapping, option_format: OptionFormat = "letter_tex
     return [forms(letter, text) for letter, text in zip(string.ascii_uppercase, options)]
 
 
-def option_score(log_probs: np.ndarray, text: str, normalize: Normalization) -> float:
+def option_score(log_probs: np.ndarray, text: str, normalize: LengthNormalization) -> float:
     """An option's log-likelihood from its tokens' log-probabilities: summed, per token or per character
     of `text`. An option with no tokens (an empty text) is never chosen."""
-    if normalize not in get_args(Normalization):
-        raise DeliftInputError(f"unknown normalisation {normalize!r}; choose one of {get_args(Normalization)}",
+    if normalize not in get_args(LengthNormalization):
+        raise DeliftInputError(f"unknown normalisation {normalize!r}; choose one of {get_args(LengthNormalization)}",
                                field="eval.likelihood.normalize")
     if len(log_probs) == 0:
         return -np.inf
@@ -218,7 +218,7 @@ def option_score(log_probs: np.ndarray, text: str, normalize: Normalization) -> 
 
 def likelihood_scores(records: list[dict], reference_log_probs: list[np.ndarray] | None,
                       option_log_probs: list[list[np.ndarray]], option_texts: list[list[str]],
-                      normalize: Normalization = "none") -> tuple[dict, list[dict]]:
+                      normalize: LengthNormalization = "none") -> tuple[dict, list[dict]]:
     """Aggregate metrics and per-example rows from teacher-forced log-probabilities.
 
     `reference_log_probs[i]`: of record i's reference tokens (output + EOS); None skips `ref_loss`.

@@ -14,6 +14,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import lightning as L
 import torch
@@ -21,6 +22,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Sampler
 
+from delift.config import Schedule
 from delift.devices import build_trainer, is_quantized, kept_in_place, model_device, trainer_arguments
 from delift.errors import DeliftInputError
 from delift.prompts import format_prompt, response_token_ids
@@ -94,7 +96,7 @@ class EpochSeededShuffle(Sampler):
         return -(-self.n // self.world)
 
 
-SCHEDULES = ("constant", "linear")
+SCHEDULES = get_args(Schedule)
 
 
 class LoRAFineTuner(L.LightningModule):
