@@ -300,6 +300,16 @@ def test_stage_samples_are_seeded_not_first_rows():
     assert all(r["id"].startswith("trivia/") for r in stage.existing)
 
 
+def test_a_data_seed_fixes_the_stage_across_run_seeds():
+    def ids(stage):
+        return {role: [r["id"] for r in getattr(stage, role)] for role in ("pool", "target", "eval")}
+
+    varying = compose_config("stage=instruction").stage
+    assert ids(build_stage(varying, 0))["eval"] != ids(build_stage(varying, 1))["eval"]
+    fixed = compose_config("stage=instruction", "+stage.data_seed=7").stage
+    assert ids(build_stage(fixed, 0)) == ids(build_stage(fixed, 1)) == ids(build_stage(varying, 7))
+
+
 def test_stage_sizes_are_overridable():
     cfg = compose_config("stage=task", "stage.sizes.pool.trivia=20", "stage.sizes.target.mmlu=30",
                          "stage.holdout.eval.size=10")

@@ -5,6 +5,7 @@ A stage config (delift/conf/stage/*.yaml) names, per role, a mapping source name
     roles:    {pool: {trivia: <dataset cfg>, ...}, target: {...}, existing: {...}, eval: {...}}
     sizes:    {pool: {trivia: 36, ...}, ...}       # per-source caps: a seeded sample of that many rows
     holdout:  {eval: {from: pool, size: 24}, ...}  # parts carved out of a loaded role, in this order
+    data_seed: 0                                   # optional: sample with this seed, not the run's
 
 Roles: `pool` is what selection chooses from; `target` the examples selection aims at (FLMI, and
 LESS's dev set); `existing` the data already learned (FLCG); `eval` the test part, which selection
@@ -55,7 +56,9 @@ class StageData:
 
 
 def build_stage(stage_cfg, seed: int) -> StageData:
-    """Load every source of every role, sample each to its size cap, carve out the holdout parts."""
+    """Load every source of every role, sample each to its size cap, carve out the holdout parts; with the
+    run's `seed`, or the stage's `data_seed` where set (the same data, above all the same evaluation set,
+    across runs whose seeds differ)."""
     if isinstance(stage_cfg, DictConfig):
         try:
             cfg = OmegaConf.to_container(stage_cfg, resolve=True, throw_on_missing=True)
@@ -64,6 +67,8 @@ def build_stage(stage_cfg, seed: int) -> StageData:
     else:
         cfg = dict(stage_cfg)
     name = cfg.get("name") or "stage"
+    if cfg.get("data_seed") is not None:
+        seed = cfg["data_seed"]
     objective = cfg.get("objective")
     if objective not in REQUIRED_ROLES:
         raise DeliftInputError(f"stage {name}: unknown objective {objective!r}; choose one of {sorted(REQUIRED_ROLES)}",
