@@ -14,10 +14,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 log = logging.getLogger("delift")
 
 # Third-party lines a delift run has no use for: advertisements, import chatter, deprecations users cannot act on.
-QUIET_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero", "faiss.loader",
-                 "absl")
+QUIET_LOGGERS = ("faiss.loader", "absl")
+LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 QUIET_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's own use of torch's pytree
                   r"`is_gradient_checkpointing` is deprecated")  # peft reading the transformers attribute
+
+
+class DropAdvertisements(logging.Filter):
+    """Lightning's own lines (devices, resuming, ranks) stay; its product tips go."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
 
 
 def quiet_logs() -> None:
@@ -31,6 +38,8 @@ def quiet_logs() -> None:
         logging.getLogger("lightning").removeHandler(handler)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    for name in LIGHTNING_LOGGERS:
+        logging.getLogger(name).addFilter(DropAdvertisements())
     for message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
 

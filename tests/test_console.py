@@ -4,7 +4,7 @@ from collections import Counter
 
 from tests.helpers import run_py
 
-NOISE = ("litlogger", "Tip:", "faiss.loader", "wandb: WARNING", "GPU available", "FutureWarning", "DeprecationWarning",
+NOISE = ("litlogger", "Tip:", "faiss.loader", "wandb: WARNING", "FutureWarning", "DeprecationWarning",
          "is deprecated", "Saving the dataset")
 
 

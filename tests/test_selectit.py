@@ -26,6 +26,7 @@ from delift.selectors.selectit import (
     token_level_scores,
 )
 from delift.selectors.selectit_prompts import LAYOUTS, RATING_PROMPTS
+from tests.helpers import CONF_DIR
 
 
 def test_token_level_score_matches_hand_computed_values():
