@@ -14,7 +14,6 @@ from pathlib import Path
 from delift.errors import DeliftInputError
 from delift.records import validate_records
 
-STAGE_OBJECTIVES = {"instruction": "fl", "task": "flmi", "continual": "flcg"}
 
 
 def _records(records, role: str) -> list[dict]:
@@ -45,15 +44,14 @@ def select(records, method: str = "delift", fraction: float = 0.3, *, model=None
     - `output_dir`: where selectors may write (LESS's warm-up checkpoints); a temporary folder by default.
     Caches (kernels, embeddings, converted models) go to paths.cache_dir, as for the command.
     """
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.utils import instantiate
     from omegaconf import open_dict
 
-    from delift.config import validate
+    from delift.config import compose_packaged, validate
     from delift.data.stages import StageData
     from delift.models import LoadedModel
     from delift.pipeline import selection_context
+    from delift.selectors.delift import STAGE_OBJECTIVES
 
     if stage not in STAGE_OBJECTIVES:
         raise DeliftInputError(f"unknown stage {stage!r}; choose one of {list(STAGE_OBJECTIVES)}", field="stage")
@@ -63,12 +61,8 @@ def select(records, method: str = "delift", fraction: float = 0.3, *, model=None
         raise DeliftInputError(f"the {stage} stage selects against `{needed[0]}` records: pass them",
                                field=needed[0])
     model_override = [f"model={model}"] if isinstance(model, str) else []
-    GlobalHydra.instance().clear()
-    with initialize_config_module("delift.conf", version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            f"selector={method}", f"seed={seed}", f"progress={str(bool(progress)).lower()}", *model_override,
-            *overrides])
-    GlobalHydra.instance().clear()
+    cfg = compose_packaged([f"selector={method}", f"seed={seed}", f"progress={str(bool(progress)).lower()}",
+                            *model_override, *overrides])
     with tempfile.TemporaryDirectory(prefix="delift-select-") as scratch:
         out = Path(output_dir or scratch)
         with open_dict(cfg):

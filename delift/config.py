@@ -230,15 +230,16 @@ def validate(cfg: DictConfig | dict) -> None:
 # -- the configuration reference -----------------------------------------------------------------
 
 
-def _default_config() -> dict:
+def compose_packaged(overrides=()) -> DictConfig:
+    """The shipped config composed with `overrides`, outside a Hydra app (`${hydra:...}` left unresolved)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config")
+        cfg = compose(config_name="config", overrides=list(overrides))
     GlobalHydra.instance().clear()
-    return OmegaConf.to_container(cfg, resolve=False)
+    return cfg
 
 
 def _yaml_scalar(value) -> str:
@@ -289,7 +290,7 @@ def _target_rows(group: str) -> list[str]:
 def reference_markdown() -> str:
     """docs/configuration.md: every key of the top level and of the groups without a `_target_`,
     and each option of the `_target_` groups with its parameters."""
-    defaults = _default_config()
+    defaults = OmegaConf.to_container(compose_packaged(), resolve=False)
     out = ["# Configuration reference", "",
            "Generated from the schemas in `delift/config.py` (`python -m delift.config > docs/configuration.md`); "
            "a test keeps it current. Every value is checked before any data or model loads: a value outside "
