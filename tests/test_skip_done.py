@@ -1,10 +1,16 @@
 """skip_done=true: a job whose run directory holds the results of the same config returns them; a grid
-rerun with its old sweep dir computes only what did not finish."""
+killed mid-job and rerun with its old sweep dir computes only what did not finish."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 from delift.pipeline import run
-from tests.helpers import compose_config, run_py
+from tests.conftest import MODEL_CACHE
+from tests.helpers import ROOT, compose_config, run_py
 
 SELECT = ["task=select", "selector=random", "logger=csv"]
 
@@ -31,24 +37,40 @@ def test_same_config_skipped_other_config_or_unfinished_run_recomputed(tmp_path)
     assert (folder / "results.json").exists()
 
 
-def test_multirun_continued_in_its_sweep_dir_runs_only_unfinished_jobs(tmp_path):
-    grid = ["-m", "model=tiny_qwen2", "selector=random,initial", "trainer.max_steps=1", "eval.max_new_tokens=2",
-            "progress=false", "logger=csv"]
-    proc = run_py(grid, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def _kill_after_first_job(args, cwd, timeout=600):
+    """Start `python run.py ARGS`, SIGKILL its whole process group once the first job's results.json exists."""
+    env = {**os.environ, "DELIFT_CACHE_DIR": MODEL_CACHE, "WANDB_MODE": "offline"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not list(cwd.glob("outputs/multiruns/*/*/0_*/results.json")):
+            assert proc.poll() is None, "the grid ended before its first job finished"
+            assert time.monotonic() < deadline, "the first job did not finish in time"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_killed_multirun_continued_in_its_sweep_dir_runs_only_unfinished_jobs(tmp_path):
+    grid = ["-m", "model=tiny_qwen2", "selector=random", "seed=0,1,2", "trainer.max_steps=1",
+            "eval.max_new_tokens=2", "progress=false", "logger=csv"]
+    _kill_after_first_job(grid, tmp_path)
     (sweep,) = (tmp_path / "outputs" / "multiruns").glob("*/*")
-    finished, interrupted = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
-    # An interrupted job has no results.json (written last); its other files are from the first attempt.
-    (interrupted / "results.json").unlink()
-    kept, redone = _mtimes(finished), (interrupted / "selection.json").stat().st_mtime_ns
+    jobs = sorted((p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit()), key=lambda p: p.name)
+    finished = [job for job in jobs if (job / "results.json").exists()]
+    # Killed while the second job ran (its folder may hold a partial run, never results.json, written last).
+    assert [job.name[0] for job in finished] == ["0"] and len(jobs) <= 2
+    kept = _mtimes(finished[0])
 
     proc = run_py([*grid, f"hydra.sweep.dir={sweep}", "skip_done=true"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
-    assert log.count("Skipped:") == 1 and f"{finished} already holds the results of this config" in log
+    assert log.count("Skipped:") == 1 and f"{finished[0]} already holds the results of this config" in log
     # The finished job: nothing recomputed or rewritten (no selection, training, evaluation, new logger run).
-    assert {k: v for k, v in _mtimes(finished).items() if k.parts[0] != ".hydra" and k.suffix != ".log"} == {
+    assert {k: v for k, v in _mtimes(finished[0]).items() if k.parts[0] != ".hydra" and k.suffix != ".log"} == {
         k: v for k, v in kept.items() if k.parts[0] != ".hydra" and k.suffix != ".log"}
-    # The interrupted one ran again, from selection on.
-    assert (interrupted / "results.json").exists()
-    assert (interrupted / "selection.json").stat().st_mtime_ns > redone
+    # The killed job and the one never started ran, with their own seeds.
+    seeds = [json.loads((job / "results.json").read_text())["seed"] for job in sorted(sweep.glob("[0-9]_*"))]
+    assert seeds == [0, 1, 2]
