@@ -90,6 +90,7 @@ class Run:
     metrics_by_mode: dict[str, dict]
     judge: dict | None
     embedder: str | None
+    kernel: dict | None  # results.json "kernel": how each utility kernel was computed (DELIFT only)
     # mode -> example id -> metric key -> score (predictions.jsonl; empty without it)
     examples: dict[str, dict[str, dict[str, float]]]
 
@@ -166,7 +167,7 @@ def load_run(path: Path) -> Run | None:
     return Run(path=path, selector=results["selector"], fraction=_fraction_of(results, path), seed=int(results["seed"]),
                stage=results.get("stage"), model=results.get("model"), experiment=results.get("experiment"),
                n_pool=results.get("n_pool"), metrics_by_mode=by_mode, judge=results.get("judge"),
-               embedder=_embedder_name(results), examples=load_examples(path.parent / "predictions.jsonl"))
+               embedder=_embedder_name(results), kernel=results.get("kernel"), examples=load_examples(path.parent / "predictions.jsonl"))
 
 
 def collect_runs(run_dirs: list[Path]) -> tuple[list[Run], int]:
@@ -281,6 +282,38 @@ def _parse_failure_sentence(runs: list[Run]) -> str:
     return f"LAJ parse failures: {failures}{out_of} judge replies could not be parsed (over all runs in the table)."
 
 
+# results.json "kernel" keys -> words: the pool x pool kernel, and the pool x target (FLMI) or pool x existing
+# (FLCG) one.
+KERNEL_ROLES = {"kernel": "pool kernel", "private_kernel": "query/private kernel"}
+
+
+def describe_kernel(details: dict) -> str:
+    """One kernel's engine in words: exact, or which approximation and how many pairs it scored."""
+    engine = details.get("engine", "fast")
+    if not details.get("approximation"):
+        return f"exact ({engine} engine)"
+    text = f"approximate, {engine} engine"
+    if engine == "knn":
+        text += f" (k = {details.get('knn_k')} nearest by {details.get('features') or 'embedding'} features"
+        text += f", {details['knn_random']} random more)" if details.get("knn_random") else ")"
+    if details.get("exact_pairs") and details.get("all_pairs"):
+        text += f": {details['exact_pairs']:,} of {details['all_pairs']:,} pairs scored exactly"
+    return text
+
+
+def _kernel_sentence(runs: list[Run]) -> str:
+    """Which engine made the DELIFT utility kernels: an approximate one changes what the rows measure."""
+    described = defaultdict(set)
+    for run in runs:
+        for role, details in (run.kernel or {}).items():
+            if isinstance(details, dict):
+                described[KERNEL_ROLES.get(role, role)].add(describe_kernel(details))
+    if not described:
+        return ""
+    return "DELIFT utility kernels: " + "; ".join(f"{role} {' / '.join(sorted(texts))}"
+                                                  for role, texts in sorted(described.items())) + "."
+
+
 def make_caption(runs: list[Run], rows: list[dict], columns: list[tuple[str, str]], fraction: float | None) -> str:
     """What a reader needs to trust the numbers: setup, units, seeds, judge and its failures."""
     models, stages = _names(r.model for r in runs), _names(r.stage for r in runs)
@@ -313,7 +346,8 @@ def make_caption(runs: list[Run], rows: list[dict], columns: list[tuple[str, str
              f"{MISSING} = not measured.")
     single = [row["name"] for row in rows if row["n_seeds"] == 1]
     single_seed = f"Single seed (n=1): {', '.join(single)}." if single and len(seeds) > 1 else ""
-    parts = [setup, subsets, modes, units, cells, single_seed, _judge_sentence(runs), _parse_failure_sentence(runs)]
+    parts = [setup, subsets, modes, units, cells, single_seed, _kernel_sentence(runs), _judge_sentence(runs),
+             _parse_failure_sentence(runs)]
     return " ".join(part for part in parts if part)
 
 

@@ -122,6 +122,21 @@ def test_caption_names_judge_embedder_seeds_and_parse_failures(grid):
     assert "| Random | 42.00 ± 2.00 | 81.00 ± 1.00 | 3.50 ± 0.50 | – |" in markdown
 
 
+def test_caption_names_the_kernel_engine_of_the_delift_runs(tmp_path):
+    knn = {"engine": "knn", "approximation": True, "knn_k": 2, "knn_random": 0, "features": "model",
+           "exact_pairs": 600, "all_pairs": 90000}
+    for seed in (0, 1):
+        _write_run(tmp_path / f"delift{seed}", "delift", seed, 0.3, finetune=_metrics(0.5, 0.5),
+                   kernel={"kernel": knn, "private_kernel": {"engine": "fast", "approximation": False}})
+    _write_run(tmp_path / "random0", "random", 0, 0.3, finetune=_metrics(0.4, 0.4))
+    caption = _table(tmp_path)[0]["caption"]
+    assert ("DELIFT utility kernels: pool kernel approximate, knn engine (k = 2 nearest by model features): "
+            "600 of 90,000 pairs scored exactly; query/private kernel exact (fast engine).") in caption
+    # Runs without a model kernel (no DELIFT row) say nothing about kernels.
+    _write_run(tmp_path / "other" / "random1", "random", 1, 0.3, finetune=_metrics(0.4, 0.4))
+    assert "kernel" not in _table(tmp_path / "other")[0]["caption"]
+
+
 def test_latex_escapes_names_and_uses_booktabs(grid):
     assert make_tables.latex_escape("a_b & 50% {x} #1 ~^\\") == (
         r"a\_b \& 50\% \{x\} \#1 \textasciitilde{}\textasciicircum{}\textbackslash{}")
