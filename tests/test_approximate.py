@@ -156,6 +156,22 @@ def test_knn_engine_is_sparse_and_exact_on_its_pairs(toy, smollm2, tmp_path):
     assert max(abs(v - exact[r, 3 + c]) for (r, c), v in stored(side).items()) <= 1e-5
 
 
+def test_seeds_share_a_knn_kernel_unless_the_seed_can_change_it(tiny_qwen2, toy_records, tmp_path):
+    def folders(**options):
+        for seed in (0, 1):
+            compute_kernel(tiny_qwen2.model, tiny_qwen2.tokenizer, toy_records, engine="knn", knn_k=2,
+                           embedder=SeededEmbedder(), progress=False, cache_dir=cache, seed=seed, **options)
+        return {folder.name for folder in (cache / "utility_kernel").iterdir()}
+
+    cache = tmp_path / "exact_flat"
+    assert len(folders()) == 1  # flat nearest neighbours: the second seed reads the first one's kernel
+    cache = tmp_path / "random_columns"
+    assert len(folders(knn_random=1)) == 2
+    cache = tmp_path / "ivf"
+    assert len(folders(ann={"flat_max": 2, "nlist": 2, "nprobe": 1})) == 2
+    assert kernel_module.seed_matters("proxy", 0, 10, {"flat_max": 100})
+
+
 def test_proxy_engine_predicts_candidates_and_keeps_measured_pairs_exact(tiny_qwen2, tmp_path, monkeypatch):
     records = [make_record(f"q{i}", "Answer.", f"What is {i} plus {i % 7}?", f"{i + i % 7}") for i in range(40)]
     options = dict(engine="proxy", knn_k=4, knn_random=1, embedder=SeededEmbedder(), cache_dir=tmp_path,

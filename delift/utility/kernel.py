@@ -34,6 +34,13 @@ def _positive_int(value, field: str) -> int:
     return int(value)
 
 
+def seed_matters(engine: str, knn_random: int, n_cols: int, ann: Mapping) -> bool:
+    """Whether the seed can change an approximate kernel: the proxy's sample and network, seeded random
+    graph columns, or an IVF index (trained by k-means); exact flat nearest neighbours never read it. Only
+    then is it part of the cache key, so the seeds of a grid share one kernel."""
+    return engine == "proxy" or knn_random > 0 or n_cols > ann["flat_max"]
+
+
 def compute_kernel(model, tokenizer, rows: Sequence[Mapping], cols: Sequence[Mapping] | None = None, *,
                    template=None, engine: str = "fast", batch_size: int = 16, tile_size: int = 64,
                    cache_dir=None, max_length: int = 1024, trainer_options: dict | None = None,
@@ -77,9 +84,10 @@ def compute_kernel(model, tokenizer, rows: Sequence[Mapping], cols: Sequence[Map
 
     folder, parts = None, None
     if approximate:
-        approximation = {"kind": engine, "knn_k": knn_k, "knn_random": knn_random, "seed": seed,
-                         "vectors": features_identity(features, embedder), "ann": ANN_DEFAULTS | dict(ann or {}),
-                         "proxy": proxy}
+        ann = ANN_DEFAULTS | dict(ann or {})
+        approximation = {"kind": engine, "knn_k": knn_k, "knn_random": knn_random,
+                         "seed": seed if seed_matters(engine, knn_random, len(cols), ann) else None,
+                         "vectors": features_identity(features, embedder), "ann": ann, "proxy": proxy}
     else:
         approximation = None
     if cache_dir is not None:
@@ -94,7 +102,7 @@ def compute_kernel(model, tokenizer, rows: Sequence[Mapping], cols: Sequence[Map
             model, tokenizer, rows, cols, engine=engine, template=template, batch_size=batch_size,
             tile_size=tile_size, max_length=max_length, folder=folder, trainer_options=trainer_options,
             progress=progress, knn_k=knn_k, knn_random=knn_random, features=features, embedder=embedder,
-            ann=approximation["ann"], proxy=proxy, seed=seed, model_identity=model_identity, cache_dir=cache_dir,
+            ann=ann, proxy=proxy, seed=seed, model_identity=model_identity, cache_dir=cache_dir,
             key_parts=parts, on_start=log_plan, shard=shard)
     else:
         kernel, computed = _exact_kernel(model, tokenizer, rows, cols, shape, template=template, engine=engine,
