@@ -13,7 +13,7 @@ The main table holds one fraction: `--fraction`, or else the most common one amo
 selectors' runs (Full Data is always 100 %, Initial always 0 %). Rows follow the paper's order,
 then any other selector by name. Columns: ICL and fine-tuned x ROUGE / BGE / LAJ, plus accuracy,
 option log-likelihood accuracy and reference loss (lower is better) for a mode where any run of
-the table has them. A results.json with only `metrics` (no `metrics_by_mode`) counts as the
+the table has them; a mode no run measured, and LAJ where no run was judged, are left out. A results.json with only `metrics` (no `metrics_by_mode`) counts as the
 fine-tuned mode (its `mode` field, if any, says otherwise): that is what the pipeline evaluates
 after the selector's training step (none for Initial).
 
@@ -236,10 +236,14 @@ def metric_values(runs: list[Run], mode: str, metric: str) -> list[float]:
 
 
 def table_columns(runs: list[Run]) -> list[tuple[str, str]]:
-    """(mode, metric) pairs: the paper's three per mode, plus the other metrics where any run has them."""
+    """(mode, metric) pairs: for each mode some run measured, the paper's three (LAJ only where some run
+    was judged), plus the other metrics where any run has them."""
+    judged = any(metric_values(runs, mode, "laj") for mode in MODES)
     columns = []
     for mode in MODES:
-        shown = list(ALWAYS_SHOWN) + [metric for metric in METRICS
+        if not any(run.metrics_by_mode.get(mode) for run in runs):
+            continue
+        shown = [metric for metric in ALWAYS_SHOWN if metric != "laj" or judged] + [metric for metric in METRICS
                                       if metric not in ALWAYS_SHOWN and metric_values(runs, mode, metric)]
         columns += [(mode, metric) for metric in shown]
     return columns
@@ -282,9 +286,9 @@ def _parse_failure_sentence(runs: list[Run]) -> str:
     return f"LAJ parse failures: {failures}{out_of} judge replies could not be parsed (over all runs in the table)."
 
 
-# results.json "kernel" keys -> words: the pool x pool kernel, and the pool x target (FLMI) or pool x existing
-# (FLCG) one.
-KERNEL_ROLES = {"kernel": "pool kernel", "private_kernel": "query/private kernel"}
+# results.json "kernel" keys -> words: the pool x pool kernel, and the FLMI (task) or FLCG (continual) side one.
+KERNEL_ROLES = {"kernel": "pool kernel", "query_kernel": "query kernel (pool x target)",
+                "private_kernel": "private kernel (pool x existing)"}
 
 
 def describe_kernel(details: dict) -> str:
@@ -329,12 +333,16 @@ def make_caption(runs: list[Run], rows: list[dict], columns: list[tuple[str, str
     present = {row["selector"] for row in rows}
     subsets += "; Full Data uses all of it" if "full" in present else ""
     subsets += "; Initial is the base model without fine-tuning." if "initial" in present else "."
-    modes = ("ICL = the model prompted with demonstrations from the subset; "
-             "Fine-tuned = after (Q)LoRA fine-tuning on the subset.")
+    shown_modes = {mode for mode, _ in columns}
+    modes = "; ".join(text for mode, text in (
+        ("icl", "ICL = the model prompted with demonstrations from the subset"),
+        ("finetune", "Fine-tuned = after (Q)LoRA fine-tuning on the subset")) if mode in shown_modes)
+    modes += "." if modes else ""
     units = "ROUGE = ROUGE-1 F1 x 100 and BGE = cosine similarity of sentence embeddings"
     units += f" ({', '.join(embedders)})" if embedders else ""
-    units += " of prediction and reference x 100, both in percent as in the paper; LAJ = LLM-as-judge score (1-5)"
+    units += " of prediction and reference x 100, both in percent as in the paper"
     shown = {metric for _, metric in columns}
+    units += "; LAJ = LLM-as-judge score (1-5)" if "laj" in shown else ""
     units += "; Acc. = accuracy in percent" if "accuracy" in shown else ""
     units += ("; LL Acc. = accuracy of the option with the highest log-likelihood, in percent"
               if "ll_accuracy" in shown else "")
