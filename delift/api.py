@@ -15,7 +15,6 @@ from delift.errors import DeliftInputError
 from delift.records import validate_records
 
 
-
 def _records(records, role: str) -> list[dict]:
     if isinstance(records, (str, Path)):
         from delift.data import load_file

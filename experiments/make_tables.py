@@ -13,8 +13,8 @@ The main table holds one fraction: `--fraction`, or else the most common one amo
 selectors' runs (Full Data is always 100 %, Initial always 0 %). Rows follow the paper's order,
 then any other selector by name. Columns: ICL and fine-tuned x ROUGE / BGE / LAJ, plus accuracy,
 option log-likelihood accuracy and reference loss (lower is better) for a mode where any run of
-the table has them; a mode no run measured, and LAJ where no run was judged, are left out. A results.json with only `metrics` (no `metrics_by_mode`) counts as the
-fine-tuned mode (its `mode` field, if any, says otherwise): that is what the pipeline evaluates
+the table has them; a mode no run measured, and LAJ where no run was judged, are left out. A
+results.json with only `metrics` (no `metrics_by_mode`) counts as the fine-tuned mode (its `mode` field, if any, says otherwise): that is what the pipeline evaluates
 after the selector's training step (none for Initial).
 
 Paired statistics, where the runs' predictions.jsonl hold per-example scores: each method against
@@ -167,7 +167,8 @@ def load_run(path: Path) -> Run | None:
     return Run(path=path, selector=results["selector"], fraction=_fraction_of(results, path), seed=int(results["seed"]),
                stage=results.get("stage"), model=results.get("model"), experiment=results.get("experiment"),
                n_pool=results.get("n_pool"), metrics_by_mode=by_mode, judge=results.get("judge"),
-               embedder=_embedder_name(results), kernel=results.get("kernel"), examples=load_examples(path.parent / "predictions.jsonl"))
+               embedder=_embedder_name(results), kernel=results.get("kernel"),
+               examples=load_examples(path.parent / "predictions.jsonl"))
 
 
 def collect_runs(run_dirs: list[Path]) -> tuple[list[Run], int]:

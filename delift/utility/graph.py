@@ -56,9 +56,14 @@ def _positive_int(value, field: str) -> int:
     return int(value)
 
 
+def uses_ivf(n_cols: int, flat_max: int) -> bool:
+    """Whether the neighbour search over n_cols columns is the seeded IVF index, not the exact flat one."""
+    return n_cols > flat_max
+
+
 def _ann_index(col_vectors: np.ndarray, *, flat_max: int, nlist: int | None, nprobe: int, seed: int):
     n, dim = col_vectors.shape
-    if n <= flat_max:
+    if not uses_ivf(n, flat_max):
         index = faiss.IndexFlatIP(dim)
     else:
         nlist = nlist or int(4 * math.sqrt(n))

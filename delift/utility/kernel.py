@@ -15,7 +15,7 @@ from delift.errors import DeliftInputError
 from delift.objectives import Missing, minmax01
 from delift.records import validate_records
 from delift.utility.formatting import UtilityInputs, UtilityTemplate
-from delift.utility.graph import ANN_DEFAULTS, features_identity
+from delift.utility.graph import ANN_DEFAULTS, features_identity, uses_ivf
 from delift.utility.lightning import run_tiles
 from delift.utility.plan import KernelPlan, calibrate, describe, plan_kernel
 from delift.utility.sparse import compute_sparse_kernel
@@ -38,7 +38,7 @@ def seed_matters(engine: str, knn_random: int, n_cols: int, ann: Mapping) -> boo
     """Whether the seed can change an approximate kernel: the proxy's sample and network, seeded random
     graph columns, or an IVF index (trained by k-means); exact flat nearest neighbours never read it. Only
     then is it part of the cache key, so the seeds of a grid share one kernel."""
-    return engine == "proxy" or knn_random > 0 or n_cols > ann["flat_max"]
+    return engine == "proxy" or knn_random > 0 or uses_ivf(n_cols, ann["flat_max"])
 
 
 def compute_kernel(model, tokenizer, rows: Sequence[Mapping], cols: Sequence[Mapping] | None = None, *,
