@@ -55,8 +55,13 @@ def isolated_cache(tmp_path) -> Path:
     return cache
 
 
-def run_py(args, cwd, env_extra=None, timeout=600) -> subprocess.CompletedProcess:
-    """`python run.py ARGS` in a subprocess, offline, with the shared model cache."""
+def run_py_invocation(args, env_extra=None) -> tuple[list[str], dict]:
+    """(argv, env) of `python run.py ARGS`, offline, with the shared model cache."""
     env = {**os.environ, "DELIFT_CACHE_DIR": MODEL_CACHE, "WANDB_MODE": "offline", **(env_extra or {})}
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return [sys.executable, str(ROOT / "run.py"), *args], env
+
+
+def run_py(args, cwd, env_extra=None, timeout=600) -> subprocess.CompletedProcess:
+    """`python run.py ARGS` in a subprocess (see run_py_invocation)."""
+    argv, env = run_py_invocation(args, env_extra)
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -5,12 +5,10 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 from delift.pipeline import run
-from tests.conftest import MODEL_CACHE
-from tests.helpers import ROOT, compose_config, run_py
+from tests.helpers import compose_config, run_py, run_py_invocation
 
 SELECT = ["task=select", "selector=random", "logger=csv"]
 
@@ -39,9 +37,9 @@ def test_same_config_skipped_other_config_or_unfinished_run_recomputed(tmp_path)
 
 def _kill_after_first_job(args, cwd, timeout=600):
     """Start `python run.py ARGS`, SIGKILL its whole process group once the first job's results.json exists."""
-    env = {**os.environ, "DELIFT_CACHE_DIR": MODEL_CACHE, "WANDB_MODE": "offline"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    argv, env = run_py_invocation(args)
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     deadline = time.monotonic() + timeout
     try:
         while not list(cwd.glob("outputs/multiruns/*/*/0_*/results.json")):
