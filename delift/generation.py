@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import RepetitionPenaltyLogitsProcessor
 
 from delift.errors import DeliftInputError
 
@@ -66,9 +67,13 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, batch_size: int = 8,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-             max_prompt_tokens: int = MAX_PROMPT_TOKENS,
+             repetition_penalty: float = 1.0, max_prompt_tokens: int = MAX_PROMPT_TOKENS,
              progress: bool = True) -> list[str]:
-    """Continue each prompt; returns the new text only, in the order of `prompts`."""
+    """Continue each prompt; returns the new text only, in the order of `prompts`.
+
+    `repetition_penalty` > 1 divides the positive logits (multiplies the negative ones) of the tokens already in
+    the prompt or the output, as vLLM and HF do (1.0: off).
+    """
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"][-max_prompt_tokens:] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch
     outputs: list[str] = [""] * len(prompts)
@@ -81,9 +86,13 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, 
         batch = order[start:start + batch_size]
         ids, mask = left_pad([encoded[i] for i in batch], tokenizer.pad_token_id)
         width = ids.shape[1]
+        # Left padding is not part of a prompt: HF's plain repetition_penalty would count the pad token
+        # (often the EOS) as already seen in the shorter rows, so the penalty skips each row's padding.
+        penalty = [] if repetition_penalty == 1.0 else [RepetitionPenaltyLogitsProcessor(
+            float(repetition_penalty), prompt_ignore_length=(width - mask.sum(dim=1)).to(device))]
         generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                    max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
-                                   pad_token_id=tokenizer.pad_token_id, **sampling)
+                                   pad_token_id=tokenizer.pad_token_id, logits_processor=penalty, **sampling)
         for row, i in enumerate(batch):
             outputs[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
     model.train(was_training)

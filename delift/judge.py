@@ -225,11 +225,13 @@ class Judge:
     `rubric`: null (ours), a name in RUBRICS ("reference": the paper's) or a rubric text.
     `parse_retries`: how often feedback without a final score is written again (prometheus-eval's
     default: 10); with sampling only, since greedy decoding would write the same text again.
+    `repetition_penalty`: on the feedback's tokens (prometheus-eval's: 1.03; 1.0 is off).
     """
 
     def __init__(self, model, name: str, stand_in: bool = True, rubric: str | None = None,
                  feedback: bool = True, max_new_tokens: int = 256, batch_size: int = 8, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, parse_retries: int = 10, max_field_tokens: int = 1024,
+                 temperature: float = 1.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                 parse_retries: int = 10, max_field_tokens: int = 1024,
                  use_chat_template: bool = True, device: str = "auto", seed: int = 0, progress: bool = True):
         self.model = model
         self.name = str(name)
@@ -243,6 +245,10 @@ class Judge:
         if int(parse_retries) < 0:
             raise DeliftInputError(f"must be at least 0, got {parse_retries}", field="judge.parse_retries")
         self.parse_retries = int(parse_retries)
+        if not float(repetition_penalty) > 0:
+            raise DeliftInputError(f"must be above 0 (1.0 is no penalty), got {repetition_penalty}",
+                                   field="judge.repetition_penalty")
+        self.repetition_penalty = float(repetition_penalty)
         for option, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size),
                               ("max_field_tokens", max_field_tokens)):
             if int(value) < 1:
@@ -316,7 +322,8 @@ class Judge:
         def write(prompts):
             return generate(model, tokenizer, prompts, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
                             do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p,
-                            max_prompt_tokens=max_prompt_tokens, progress=self.progress)
+                            repetition_penalty=self.repetition_penalty, max_prompt_tokens=max_prompt_tokens,
+                            progress=self.progress)
 
         with torch.random.fork_rng():  # seeded sampling (if enabled) without touching the caller's RNG
             torch.manual_seed(self.seed)

@@ -227,6 +227,8 @@ def test_bad_input_names_the_record_and_field(tiny_qwen2):
         Judge(tiny_qwen2, name="tiny", rubric="paper")  # not a rubric name, and no rubric text
     with pytest.raises(DeliftInputError, match="judge.parse_retries"):
         Judge(tiny_qwen2, name="tiny", parse_retries=-1)
+    with pytest.raises(DeliftInputError, match="judge.repetition_penalty"):
+        Judge(tiny_qwen2, name="tiny", repetition_penalty=0)
     assert judge.judge([], [])[0]["laj_n"] == 0
 
 
@@ -242,9 +244,10 @@ def test_judge_configs_compose_and_instantiate_without_loading(name, spec, stand
     assert judge.rubric == DEFAULT_RUBRIC and judge.parse_retries == 10
     if name == "prometheus":  # prometheus-eval's defaults, as the paper's code ran it
         assert judge.model.name == "prometheus-eval/prometheus-7b-v2.0"
-        assert (judge.do_sample, judge.temperature, judge.top_p, judge.max_new_tokens) == (True, 1.0, 0.9, 1024)
+        assert (judge.do_sample, judge.temperature, judge.top_p, judge.repetition_penalty, judge.max_new_tokens) == \
+            (True, 1.0, 0.9, 1.03, 1024)
     else:
-        assert judge.do_sample is False and judge.max_new_tokens == 64
+        assert judge.do_sample is False and judge.repetition_penalty == 1.0 and judge.max_new_tokens == 64
 
 
 @pytest.mark.parametrize("rubric,expected", [
@@ -310,10 +313,11 @@ def test_two_scores_take_the_last(tiny_qwen2, monkeypatch):
 def test_a_failed_parse_is_sampled_again_and_the_retry_scores(tiny_qwen2, monkeypatch):
     first = ["Good. [RESULT] 4", "Cut before the sc", "[RESULT] 2"]
     judge, calls = _scripted_judge(tiny_qwen2, monkeypatch, [first, ["Now whole. [RESULT] 5"]],
-                                   do_sample=True, top_p=0.9, parse_retries=3)
+                                   do_sample=True, top_p=0.9, repetition_penalty=1.03, parse_retries=3)
     metrics, rows = judge.judge(_records(3), ["0", "2", "4"])
     assert len(calls) == 2 and calls[1][0] == [calls[0][0][1]]      # only the failed prompt, once more
     assert calls[1][1] == calls[0][1] and calls[1][1]["do_sample"] is True and calls[1][1]["top_p"] == 0.9
+    assert calls[1][1]["repetition_penalty"] == 1.03
     assert [row["laj"] for row in rows] == [4, 5, 2]
     assert [row["judge_feedback"] for row in rows] == ["Good. [RESULT] 4", "Now whole. [RESULT] 5", "[RESULT] 2"]
     assert [row["judge_attempts"] for row in rows] == [1, 2, 1]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from delift.generation import generate
+from delift.generation import generate, stop_token_ids
 from delift.models import TinyRandomModel
 from delift.training import IGNORE_INDEX, collate, encode_example, finetune
 from tests.conftest import TINY_CONFIG
@@ -88,6 +88,41 @@ def test_batched_greedy_generation_equals_one_at_a_time(tiny_qwen2):
               for p in prompts]
     assert batched == single
     assert all(isinstance(text, str) for text in batched)
+
+
+def test_repetition_penalty_on_one_prompt_equals_hf_generate_s(tiny_qwen2):
+    # Below 1 the penalty rewards repeats: a random model, which never repeats by itself, then does.
+    model, tokenizer = tiny_qwen2.model, tiny_qwen2.tokenizer
+    ids = tokenizer("Hello there", add_special_tokens=False, return_tensors="pt")["input_ids"]
+    plain = generate(model, tokenizer, ["Hello there"], max_new_tokens=8, progress=False)
+    penalised = generate(model, tokenizer, ["Hello there"], max_new_tokens=8, repetition_penalty=0.5, progress=False)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                             repetition_penalty=0.5, eos_token_id=stop_token_ids(model, tokenizer),
+                             pad_token_id=tokenizer.pad_token_id)
+    assert penalised == [tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()]
+    words, rewarded = plain[0].split(), penalised[0].split()
+    assert len(set(words)) == len(words) and len(set(rewarded)) < len(rewarded)
+
+
+def test_repetition_penalty_does_not_count_left_padding_as_seen(tiny_qwen2):
+    """The short prompt is padded with the very token it continues with: were the padding penalised,
+    its batched continuation would change."""
+    model, tokenizer = tiny_qwen2.model, tiny_qwen2.tokenizer
+    short, long = "Hi", "A much longer prompt about the weather in spring"
+    with torch.no_grad():
+        first = int(model(tokenizer(short, add_special_tokens=False, return_tensors="pt")["input_ids"]).logits[0, -1]
+                    .argmax())
+    pad_token = tokenizer.pad_token
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(first)
+    try:
+        single = generate(model, tokenizer, [short], max_new_tokens=4, repetition_penalty=50.0, progress=False)
+        batched = generate(model, tokenizer, [short, long], max_new_tokens=4, repetition_penalty=50.0,
+                           progress=False)
+    finally:
+        tokenizer.pad_token = pad_token
+    assert tokenizer.pad_token_id != first
+    assert batched[0] == single[0] and single[0].startswith(tokenizer.decode([first]).strip())
 
 
 def test_linear_schedule_with_warmup_as_hf_trainer(smollm2_spec, toy_records, tmp_path):
