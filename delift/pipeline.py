@@ -245,14 +245,15 @@ def _run_job(cfg: DictConfig, output_dir: Path, writes: bool, tracker: Tracker) 
                             option_format=cfg.eval.likelihood.option_format,
                             normalize=cfg.eval.likelihood.normalize)
     metrics_by_mode, rows = {}, []
-    # ICL first: it prompts the base model, which fine-tuning then adapts in place.
-    if "icl" in eval_modes(cfg.eval.mode) and writes:
+    # ICL first: it prompts the base model, which fine-tuning then adapts in place. (config.validate has
+    # checked eval.mode against EvalConfig's choices before anything loaded.)
+    if cfg.eval.mode in ("icl", "both") and writes:
         demonstrations = nearest_demonstrations(stage.eval, subset, ctx.embedder, cfg.eval.icl_k)
         with _timed(timings, "evaluate_icl", tracker):
             metrics_by_mode["icl"], icl_rows = evaluate(loaded.model, loaded.tokenizer, stage.eval, ctx.embedder,
                                                         demonstrations=demonstrations, **evaluate_options)
         rows += [{"mode": "icl", **row} for row in icl_rows]
-    if "finetune" in eval_modes(cfg.eval.mode):
+    if cfg.eval.mode in ("finetune", "both"):
         model = loaded.model
         if selector.trains:
             if cfg.train.get("mix_existing") and stage.existing:
@@ -308,13 +309,6 @@ def check_launch(cfg: DictConfig) -> None:
     if int(cfg.kernel.get("num_shards") or 1) > 1 and cfg.task != "kernel":
         raise DeliftInputError("kernel shards only compute tiles: use task=kernel, then run without "
                                "kernel.shard/num_shards to assemble the kernel and select", field="kernel.num_shards")
-
-
-def eval_modes(mode: str) -> tuple[str, ...]:
-    modes = {"finetune": ("finetune",), "icl": ("icl",), "both": ("icl", "finetune")}
-    if mode not in modes:
-        raise DeliftInputError(f"unknown mode {mode!r}; choose one of {sorted(modes)}", field="eval.mode")
-    return modes[mode]
 
 
 def results_table(results: dict) -> str:

@@ -11,6 +11,7 @@ import scipy.sparse as sp
 
 from delift.cache import UnreadableCacheFile, cache_folder, file_lock, load_npy, save_json, save_npy
 from delift.config import Engine
+from delift.devices import is_global_zero
 from delift.errors import DeliftInputError
 from delift.objectives import Missing, minmax01
 from delift.records import validate_records
@@ -182,7 +183,7 @@ def _exact_kernel(model, tokenizer, rows, cols, shape, *, template, engine, batc
     if shard is not None:
         return None, run.shard_details(shard) | costs
     kernel = assemble_kernel(run.values, *shape)
-    if folder is not None and run.is_main:
+    if folder is not None and is_global_zero():  # every rank holds the kernel; one writes it, found or computed
         with file_lock(folder / KERNEL_FILE):
             save_npy(folder / KERNEL_FILE, kernel)
     return kernel, whole

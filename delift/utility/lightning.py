@@ -159,7 +159,6 @@ class TileRun(NamedTuple):
     values: dict[Tile | PairTile, np.ndarray]  # every tile of the plan, or of the shard
     planned: int  # tiles in the whole plan
     computed: int  # tiles this call computed (over all ranks)
-    is_main: bool  # this process is rank 0
 
     def shard_details(self, shard: tuple[int, int]) -> dict:
         return {"shard": shard[0], "num_shards": shard[1], "tiles": self.planned, "shard_tiles": len(self.values),
@@ -181,7 +180,7 @@ def run_tiles(model, inputs: UtilityInputs, tiles: list[Tile | PairTile], *, eng
     if shard is not None:
         log.info("Kernel shard %d/%d: %d of %d tiles, %d to compute", *shard, len(tiles), planned, len(missing))
     if not missing:
-        return TileRun(values, planned, 0, True)
+        return TileRun(values, planned, 0)
     if on_start is not None:
         on_start()
     module = UtilityKernelModule(model, inputs, missing, engine=engine, batch_size=batch_size, pairs=pairs,
@@ -195,7 +194,7 @@ def run_tiles(model, inputs: UtilityInputs, tiles: list[Tile | PairTile], *, eng
             values[tile] = read_tile(folder, tile)
             if values[tile] is None:
                 raise DeliftInputError("a finished tile is missing or unreadable", file=folder / tile.file_name)
-    return TileRun(values, planned, len(missing), trainer.global_rank == 0)
+    return TileRun(values, planned, len(missing))
 
 
 def predict_tiles(trainer: L.Trainer, module: UtilityKernelModule) -> dict[Tile | PairTile, np.ndarray]:
