@@ -225,7 +225,7 @@ class Judge:
     `rubric`: null (ours), a name in RUBRICS ("reference": the paper's) or a rubric text.
     `parse_retries`: how often feedback without a final score is written again (prometheus-eval's
     default: 10); with sampling only, since greedy decoding would write the same text again.
-    `repetition_penalty`: on the feedback's tokens (prometheus-eval's: 1.03; 1.0 is off).
+    `repetition_penalty`: on the tokens of the prompt and of the feedback so far (prometheus-eval's: 1.03; 1.0 is off).
     """
 
     def __init__(self, model, name: str, stand_in: bool = True, rubric: str | None = None,
