@@ -14,8 +14,9 @@ selectors' runs (Full Data is always 100 %, Initial always 0 %). Rows follow the
 then any other selector by name. Columns: ICL and fine-tuned x ROUGE / BGE / LAJ, plus accuracy,
 option log-likelihood accuracy and reference loss (lower is better) for a mode where any run of
 the table has them; a mode no run measured, and LAJ where no run was judged, are left out. A
-results.json with only `metrics` (no `metrics_by_mode`) counts as the fine-tuned mode (its `mode` field, if any, says otherwise): that is what the pipeline evaluates
-after the selector's training step (none for Initial).
+results.json with only `metrics` (no `metrics_by_mode`) counts as the fine-tuned mode (its `mode`
+field, if any, says otherwise): that is what the pipeline evaluates after the selector's training
+step (none for Initial).
 
 Paired statistics, where the runs' predictions.jsonl hold per-example scores: each method against
 Random (same fraction) and against Full Data, per column, the mean difference over (seed,
@@ -244,8 +245,8 @@ def table_columns(runs: list[Run]) -> list[tuple[str, str]]:
     for mode in MODES:
         if not any(run.metrics_by_mode.get(mode) for run in runs):
             continue
-        shown = [metric for metric in ALWAYS_SHOWN if metric != "laj" or judged] + [metric for metric in METRICS
-                                      if metric not in ALWAYS_SHOWN and metric_values(runs, mode, metric)]
+        shown = [metric for metric in ALWAYS_SHOWN if metric != "laj" or judged]
+        shown += [metric for metric in METRICS if metric not in ALWAYS_SHOWN and metric_values(runs, mode, metric)]
         columns += [(mode, metric) for metric in shown]
     return columns
 
