@@ -24,7 +24,8 @@ evaluation example) pairs (the two runs of one seed share their evaluation examp
 percentile bootstrap interval (the pairs resampled with replacement, `--bootstrap` resamples from
 a numpy Generator seeded with `--seed`). A method is marked better (▲) or worse (▼) only where the
 interval excludes 0. The budget curve's error bars are the same bootstrap's interval of each
-point's mean over (seed, example); without per-example scores, ± the std over seeds.
+point's mean over (seed, example); without per-example scores, ± the std over seeds. Where the
+runs hold several fractions, one more table pairs each method with Random at every fraction.
 
 Outputs with `--out PATH`: PATH.md (Markdown tables and captions), PATH.tex (booktabs tables),
 PATH.json (the aggregated numbers, in table units) and, where a selector was run at several
@@ -445,6 +446,36 @@ def paired_caption(paired: dict) -> str:
             f"(Loss: lower is better); {MISSING} = no pairs.")
 
 
+def paired_by_fraction(runs: list[Run], resamples: int, seed: int) -> dict | None:
+    """Each subset selector against Random at every fraction both were run at: what a budget curve's
+    overlapping error bars cannot say. None unless some selector meets Random at several fractions."""
+    subset_runs = [run for run in runs if run.selector not in FIXED_FRACTIONS]
+    by_group = defaultdict(list)
+    for run in subset_runs:
+        by_group[(run.fraction, run.selector)].append(run)
+    columns = table_columns(subset_runs)
+    rows = []
+    for fraction in sorted({fraction for fraction, _ in by_group}):
+        references = by_group.get((fraction, "random"))
+        if not references:
+            continue
+        present = row_order({selector for at, selector in by_group if at == fraction})
+        for selector in (selector for selector in present if selector != "random"):
+            cells = {f"{mode}/{metric}": paired_cell(by_group[(fraction, selector)], references, mode, metric,
+                                                     resamples, seed) for mode, metric in columns}
+            if any(cells.values()):
+                rows.append({"selector": selector, "name": f"{row_name(selector)} at {_pct(fraction)}",
+                             "fraction": fraction, "cells": cells})
+    if len({row["fraction"] for row in rows}) < 2:
+        return None
+    return {"columns": [{"key": f"{mode}/{metric}", "mode": MODES[mode], "metric": METRICS[metric][0]}
+                        for mode, metric in columns], "rows": rows,
+            "caption": (f"Each method - Random at the same subset size, over the (seed, evaluation example) pairs "
+                        f"of the seeds both ran, in table units; [lo, hi] = {100 * CONFIDENCE:g} % percentile "
+                        f"bootstrap interval ({resamples:,} resamples, seed {seed}); {BETTER} better, {WORSE} worse, "
+                        f"marked only where the interval excludes 0 (Loss: lower is better).")}
+
+
 def build_table(runs: list[Run], fraction: float | None, title: str | None = None, *,
                 resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
     """The main table as plain data: columns, rows with {mean, std, n} cells (table units), caption."""
@@ -474,6 +505,7 @@ def build_table(runs: list[Run], fraction: float | None, title: str | None = Non
             "columns": [{"key": f"{mode}/{metric}", "mode": MODES[mode], "metric": METRICS[metric][0]}
                         for mode, metric in columns],
             "rows": rows, "caption": make_caption(in_table, rows, columns, fraction), "paired": paired,
+            "paired_by_fraction": paired_by_fraction(runs, resamples, seed),
             "sources": [str(run.path) for run in in_table]}
 
 
@@ -516,6 +548,11 @@ def to_markdown(table: dict) -> str:
         text += (f"\n**Paired differences vs {reference['name']}** ({table['title']}).\n\n" + "\n".join(grid) + "\n")
     if table.get("paired"):
         text += f"\n{table['paired']['caption']}\n"
+    by_fraction = table.get("paired_by_fraction")
+    if by_fraction:
+        grid = _markdown_grid(by_fraction["columns"], by_fraction["rows"], format_difference)
+        text += (f"\n**Paired differences vs Random at each subset size.**\n\n" + "\n".join(grid) + "\n\n"
+                 f"{by_fraction['caption']}\n")
     return text
 
 
@@ -551,6 +588,11 @@ def to_latex(table: dict, label: str = "results") -> str:
         text += _latex_table(table["columns"], reference["rows"], _latex_difference,
                              f"{table['title']}: paired differences vs {reference['name']}.",
                              table["paired"]["caption"], f"{label}-vs-{reference['selector']}")
+    by_fraction = table.get("paired_by_fraction")
+    if by_fraction:
+        text += _latex_table(by_fraction["columns"], by_fraction["rows"], _latex_difference,
+                             "Paired differences vs Random at each subset size.", by_fraction["caption"],
+                             f"{label}-vs-random-by-fraction")
     return text
 
 

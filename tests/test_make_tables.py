@@ -376,3 +376,32 @@ def test_budget_curve_error_bars_are_bootstrap_intervals(tmp_path):
         assert point["pooled"]["hi"] == pytest.approx(mean + 4.4, abs=0.8)
     png = make_tables.plot_budget(make_tables.budget_curves(runs), tmp_path / "curve.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_paired_differences_vs_random_at_each_fraction(tmp_path):
+    """DELIFT = Random + 5 ROUGE at 10 %, Random - 0.1/+0.1 on alternate examples at 20 % (not significant)."""
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        base = [0.2 + 0.03 * k for k in range(N_EVAL)]
+        shifts = {0.1: [0.05] * N_EVAL, 0.2: [0.1 if k % 2 else -0.1 for k in range(N_EVAL)]}
+        for fraction, shift in shifts.items():
+            for selector, rouge in (("random", base), ("delift", [r + d for r, d in zip(base, shift)])):
+                _write_paired_run(root / f"{selector}-{fraction}-{seed}", selector, seed, fraction, rouge,
+                                  [1.0] * N_EVAL, [None] * N_EVAL)
+    out = tmp_path / "results" / "budget"
+    assert make_tables.main([str(root), "--out", str(out), "--bootstrap", "2000", "--fraction", "0.1"]) == 0
+    saved = json.loads(out.with_name("budget.json").read_text())["paired_by_fraction"]
+    assert [row["name"] for row in saved["rows"]] == ["DELIFT at 10 %", "DELIFT at 20 %"]
+    at_10, at_20 = (row["cells"]["finetune/rouge1"] for row in saved["rows"])
+    assert (at_10["mean"], at_10["lo"], at_10["verdict"]) == (pytest.approx(5.0), pytest.approx(5.0), "better")
+    assert at_10["seeds"] == [0, 1] and at_10["n_eval"] == [N_EVAL, N_EVAL]
+    # +-10 on 20 pairs: interval about +-1.96 * 10 / sqrt(20) = +-4.4 around 0, no verdict.
+    assert at_20["mean"] == pytest.approx(0.0, abs=1e-9) and at_20["verdict"] is None
+    assert at_20["lo"] == pytest.approx(-4.4, abs=0.8) and at_20["hi"] == pytest.approx(4.4, abs=0.8)
+    markdown = out.with_name("budget.md").read_text()
+    assert "**Paired differences vs Random at each subset size.**" in markdown
+    assert "| DELIFT at 10 % | +5.00 [5.00, 5.00] ▲ |" in markdown
+    assert r"\label{tab:budget-vs-random-by-fraction}" in out.with_name("budget.tex").read_text()
+    # One fraction only: no such table.
+    single, _, _ = _table(_write_paired_grid(tmp_path / "single"))
+    assert single["paired_by_fraction"] is None
