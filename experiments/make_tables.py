@@ -25,7 +25,8 @@ percentile bootstrap interval (the pairs resampled with replacement, `--bootstra
 a numpy Generator seeded with `--seed`). A method is marked better (▲) or worse (▼) only where the
 interval excludes 0. The budget curve's error bars are the same bootstrap's interval of each
 point's mean over (seed, example); without per-example scores, ± the std over seeds. Where the
-runs hold several fractions, one more table pairs each method with Random at every fraction.
+runs hold several fractions, one more table pairs each method with Random at every fraction, and
+the curve's lower panel shows those differences for its metric.
 
 Outputs with `--out PATH`: PATH.md (Markdown tables and captions), PATH.tex (booktabs tables),
 PATH.json (the aggregated numbers, in table units) and, where a selector was run at several
@@ -38,6 +39,7 @@ import argparse
 import json
 import re
 import sys
+import textwrap
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -646,7 +648,9 @@ def budget_curves(runs: list[Run], requested: str = DEFAULT_CURVE_METRIC, *, res
     """Per subset selector, the metric at each fraction; None unless some selector has several fractions.
 
     Each point is {mean, std, n} over seeds; with per-example scores also `pooled`: the mean over
-    (seed, example) and its bootstrap interval (lo, hi), which the plot's error bars show.
+    (seed, example) and its bootstrap interval (lo, hi), which the plot's error bars show, and, for a
+    selector other than Random, `vs_random`: its paired difference from Random at that fraction (the
+    per-point intervals overlap where examples differ much more than methods do; the pairs do not).
     """
     key = _curve_key(runs, requested)
     if key is None:
@@ -665,8 +669,11 @@ def budget_curves(runs: list[Run], requested: str = DEFAULT_CURVE_METRIC, *, res
         summary["pooled"] = bootstrap_mean(scores, resamples, seed) if scores else None
         if selector in FIXED_FRACTIONS:
             references[selector] = summary
-        else:
-            lines[selector].append({"fraction": fraction, **summary})
+            continue
+        point = {"fraction": fraction, **summary}
+        if selector != "random" and ("random", fraction) in by_group:
+            point["vs_random"] = paired_cell(group, by_group[("random", fraction)], mode, metric, resamples, seed)
+        lines[selector].append(point)
     if not any(len(points) > 1 for points in lines.values()):
         return None
     label, factor = METRICS[metric]
@@ -677,13 +684,21 @@ def budget_curves(runs: list[Run], requested: str = DEFAULT_CURVE_METRIC, *, res
 
 
 def plot_budget(curves: dict, path: Path) -> Path:
-    """Metric against subset size (% of the pool): mean line and ±std band per selector; Full/Initial as references."""
+    """Metric against subset size (% of the pool), a line with error bars per selector, Full/Initial as
+    references; below it, where runs were paired, each selector's difference from Random with its interval."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    differences = {selector: [p for p in points if p.get("vs_random")]
+                   for selector, points in curves["selectors"].items() if selector != "random"}
+    differences = {selector: points for selector, points in differences.items() if points}
+    if differences:
+        fig, (ax, below_ax) = plt.subplots(2, 1, figsize=(6.4, 6.4), sharex=True, height_ratios=(3, 2))
+    else:
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    colors = dict(zip(curves["selectors"], plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
     bootstrapped = False
     for selector, points in curves["selectors"].items():
         x = np.array([100 * p["fraction"] for p in points])
@@ -699,7 +714,8 @@ def plot_budget(curves: dict, path: Path) -> Path:
                 mean.append(point["mean"])
                 below.append(point["std"] or 0.0)
                 above.append(point["std"] or 0.0)
-        ax.errorbar(x, mean, yerr=[below, above], marker="o", capsize=3, label=row_name(selector))
+        ax.errorbar(x, mean, yerr=[below, above], marker="o", capsize=3, color=colors[selector],
+                    label=row_name(selector))
     styles = {"full": ("--", "black"), "initial": (":", "gray")}
     for selector, summary in curves["references"].items():
         linestyle, color = styles[selector]
@@ -709,9 +725,25 @@ def plot_budget(curves: dict, path: Path) -> Path:
         if pooled:
             ax.axhspan(pooled["lo"], pooled["hi"], color=color, alpha=0.1, linewidth=0)
     bars = "95 % bootstrap interval over (seed, example)" if bootstrapped else "± std over seeds"
-    ax.set(xlabel=f"subset size (% of the pool); error bars: {bars}", ylabel=curves["label"], title=curves["title"])
+    ax.set(ylabel=curves["label"], title="\n".join(textwrap.wrap(curves["title"], 70)))
+    ax.title.set_fontsize("medium")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
+    bottom = ax
+    if differences:
+        for selector, points in differences.items():
+            cells = [p["vs_random"] for p in points]
+            below_ax.errorbar([100 * p["fraction"] for p in points], [c["mean"] for c in cells],
+                              yerr=[[c["mean"] - c["lo"] for c in cells], [c["hi"] - c["mean"] for c in cells]],
+                              marker="o", capsize=3, color=colors[selector], label=row_name(selector))
+        below_ax.axhline(0.0, color=colors.get("random", "gray"), linewidth=1)
+        better = "lower" if curves["metric"].split("/")[1] in LOWER_IS_BETTER else "higher"
+        below_ax.set(ylabel=f"minus Random ({better} is better)")
+        below_ax.grid(alpha=0.3)
+        bottom = below_ax
+        bars += "; below: paired difference from Random at the same size, 95 % paired bootstrap interval"
+    bottom.set_xlabel("subset size (% of the pool)\n" + "\n".join(textwrap.wrap(f"error bars: {bars}", 90)),
+                      fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -402,6 +402,12 @@ def test_paired_differences_vs_random_at_each_fraction(tmp_path):
     assert "**Paired differences vs Random at each subset size.**" in markdown
     assert "| DELIFT at 10 % | +5.00 [5.00, 5.00] ▲ |" in markdown
     assert r"\label{tab:budget-vs-random-by-fraction}" in out.with_name("budget.tex").read_text()
+    # The curve's lower panel: the same paired differences, for the curve's metric.
+    curves = json.loads(out.with_name("budget.json").read_text())["budget_curves"]
+    assert [point["vs_random"]["mean"] for point in curves["selectors"]["delift"]] == [pytest.approx(5.0),
+                                                                                      pytest.approx(0.0, abs=1e-9)]
+    assert all("vs_random" not in point for point in curves["selectors"]["random"])
+    assert out.with_name("budget_budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # One fraction only: no such table.
     single, _, _ = _table(_write_paired_grid(tmp_path / "single"))
     assert single["paired_by_fraction"] is None
