@@ -435,11 +435,15 @@ def paired_comparisons(by_selector: dict[str, list[Run]], columns: list[tuple[st
     return {"resamples": resamples, "seed": seed, "confidence": CONFIDENCE, "references": references}
 
 
+def _pair_counts(cells) -> str:
+    """"750" or "129-750": how many pairs the paired cells (None for no pairs) rest on."""
+    sizes = sorted({cell["n_pairs"] for cell in cells if cell})
+    return f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+
+
 def paired_caption(paired: dict) -> str:
-    cells = [cell for reference in paired["references"] for row in reference["rows"]
-             for cell in row["cells"].values() if cell]
-    sizes = sorted({cell["n_pairs"] for cell in cells})
-    pairs = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+    pairs = _pair_counts(cell for reference in paired["references"] for row in reference["rows"]
+                         for cell in row["cells"].values())
     return (f"Paired differences: method - reference over (seed, evaluation example) pairs, the two runs of a seed "
             f"sharing their evaluation examples, in table units; [lo, hi] = {100 * paired['confidence']:g} % "
             f"percentile bootstrap interval of the mean difference ({paired['resamples']:,} resamples of the pairs, "
@@ -470,12 +474,14 @@ def paired_by_fraction(runs: list[Run], resamples: int, seed: int) -> dict | Non
                              "fraction": fraction, "cells": cells})
     if len({row["fraction"] for row in rows}) < 2:
         return None
+    pairs = _pair_counts(cell for row in rows for cell in row["cells"].values())
     return {"columns": [{"key": f"{mode}/{metric}", "mode": MODES[mode], "metric": METRICS[metric][0]}
                         for mode, metric in columns], "rows": rows,
             "caption": (f"Each method - Random at the same subset size, over the (seed, evaluation example) pairs "
-                        f"of the seeds both ran, in table units; [lo, hi] = {100 * CONFIDENCE:g} % percentile "
-                        f"bootstrap interval ({resamples:,} resamples, seed {seed}); {BETTER} better, {WORSE} worse, "
-                        f"marked only where the interval excludes 0 (Loss: lower is better).")}
+                        f"of the seeds both ran ({pairs} pairs per cell), in table units; "
+                        f"[lo, hi] = {100 * CONFIDENCE:g} % percentile bootstrap interval ({resamples:,} resamples, "
+                        f"seed {seed}); {BETTER} better, {WORSE} worse, marked only where the interval excludes 0 "
+                        f"(Loss: lower is better).")}
 
 
 def build_table(runs: list[Run], fraction: float | None, title: str | None = None, *,
