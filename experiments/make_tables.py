@@ -655,8 +655,8 @@ def budget_curves(runs: list[Run], requested: str = DEFAULT_CURVE_METRIC, *, res
 
     Each point is {mean, std, n} over seeds; with per-example scores also `pooled`: the mean over
     (seed, example) and its bootstrap interval (lo, hi), which the plot's error bars show, and, for a
-    selector other than Random, `vs_random`: its paired difference from Random at that fraction (the
-    per-point intervals overlap where examples differ much more than methods do; the pairs do not).
+    selector other than Random, `vs_random`: its paired difference from Random at that fraction
+    (pairing cancels the example-to-example spread that widens the per-point intervals).
     """
     key = _curve_key(runs, requested)
     if key is None:
@@ -741,7 +741,7 @@ def plot_budget(curves: dict, path: Path) -> Path:
             cells = [p["vs_random"] for p in points]
             below_ax.errorbar([100 * p["fraction"] for p in points], [c["mean"] for c in cells],
                               yerr=[[c["mean"] - c["lo"] for c in cells], [c["hi"] - c["mean"] for c in cells]],
-                              marker="o", capsize=3, color=colors[selector], label=row_name(selector))
+                              marker="o", capsize=3, color=colors[selector])
         below_ax.axhline(0.0, color=colors.get("random", "gray"), linewidth=1)
         better = "lower" if curves["metric"].split("/")[1] in LOWER_IS_BETTER else "higher"
         below_ax.set(ylabel=f"minus Random ({better} is better)")
