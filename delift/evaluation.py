@@ -45,21 +45,13 @@ def evaluate(model, tokenizer, records: list[dict], embedder, *, max_new_tokens:
     return metrics, rows
 
 
-def record_likelihoods(model, tokenizer, records: list[dict], prompts: list[str], *, ref_loss: bool = True,
-                       option_ll: bool = True, option_format: OptionFormat = "letter_text",
-                       normalize: LengthNormalization = "none", batch_size: int = 8,
-                       progress: bool = True) -> tuple[dict, list[dict]]:
-    """Teacher-forced scores of each record after its prompt (delift.metrics.likelihood_scores).
-
-    `ref_loss`: the mean token negative log-likelihood of the reference, tokenised as fine-tuning
-    scores it (output + EOS); `option_ll`: each option of a multiple-choice record as a continuation
-    of the prompt, the option with the highest (normalised) log-likelihood being the model's answer.
-    Prompts lose their start beyond MAX_PROMPT_TOKENS, as in generation. All sequences go through
-    one length-sorted batched pass.
-    """
+def likelihood_pairs(tokenizer, records: list[dict], prompts: list[str], *, ref_loss: bool = True,
+                     option_ll: bool = True, option_format: OptionFormat = "letter_text"):
+    """What `record_likelihoods` scores: per (prompt, continuation) pair, its (record index, option index
+    or None for the reference), prompt token ids and continuation token ids; and each record's option texts."""
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"][-MAX_PROMPT_TOKENS:] for p in prompts]
     option_texts = [option_continuations(rec, option_format) if option_ll else [] for rec in records]
-    jobs, continuations = [], []  # (record index, option index or None for the reference), token ids
+    jobs, continuations = [], []
     if ref_loss:
         for i, rec in enumerate(records):
             jobs.append((i, None))
@@ -70,8 +62,25 @@ def record_likelihoods(model, tokenizer, records: list[dict], prompts: list[str]
             if ids:  # an empty option has no tokens to score (option_score never chooses it)
                 jobs.append((i, k))
                 continuations.append(ids)
-    log_probs = continuation_log_probs(model, tokenizer, [prompt_ids[i] for i, _ in jobs], continuations,
-                                       batch_size=batch_size, progress=progress) if jobs else []
+    return jobs, [prompt_ids[i] for i, _ in jobs], continuations, option_texts
+
+
+def record_likelihoods(model, tokenizer, records: list[dict], prompts: list[str], *, ref_loss: bool = True,
+                       option_ll: bool = True, option_format: OptionFormat = "letter_text",
+                       normalize: LengthNormalization = "none", batch_size: int = 8,
+                       progress: bool = True) -> tuple[dict, list[dict]]:
+    """Teacher-forced scores of each record after its prompt (delift.metrics.likelihood_scores).
+
+    `ref_loss`: the mean token negative log-likelihood of the reference, tokenised as fine-tuning
+    scores it (output + EOS); `option_ll`: each option of a multiple-choice record as a continuation
+    of the prompt, the option with the highest (normalised) log-likelihood being the model's answer.
+    Prompts lose their start beyond MAX_PROMPT_TOKENS, as in generation; a record's prompt runs once
+    for all its continuations (`continuation_log_probs`).
+    """
+    jobs, prompt_ids, continuations, option_texts = likelihood_pairs(tokenizer, records, prompts, ref_loss=ref_loss,
+                                                                     option_ll=option_ll, option_format=option_format)
+    log_probs = continuation_log_probs(model, tokenizer, prompt_ids, continuations, batch_size=batch_size,
+                                       progress=progress) if jobs else []
     reference = [np.empty(0) for _ in records]
     options = [[np.empty(0) for _ in texts] for texts in option_texts]
     for (i, k), scores in zip(jobs, log_probs):

@@ -5,6 +5,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from transformers import DynamicCache
 
 from delift.data.hub import choice_record
 from delift.evaluation import evaluate, record_likelihoods
@@ -44,6 +45,35 @@ def test_continuations_of_different_lengths_batched_as_one_pass_each(tiny_qwen2)
     for prompt, continuation, got in zip(prompts, continuations, batched):
         assert got.shape == (len(continuation),)
         np.testing.assert_allclose(got, _hand_log_probs(model, prompt, continuation), atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "phi3", "qwen2+lora"])
+def test_continuations_sharing_a_prompt_equal_whole_sequence_scores(smollm2_spec, arch):
+    """Prompts of several lengths with 1-4 continuations each (one-token ones too): one prompt pass per
+    prompt, its cache reused across chunks of continuations, and the scores of single whole sequences."""
+    from peft import LoraConfig, get_peft_model
+
+    from delift.models import TinyRandomModel
+
+    from tests.conftest import TINY_CONFIG
+
+    loaded = TinyRandomModel(name=f"tiny-{arch}", arch=arch.split("+")[0], tokenizer_source=smollm2_spec,
+                             config=TINY_CONFIG).load()
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if arch.endswith("+lora"):
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    texts = {"Question one: which?": [" A", " B. a longer option", " C", " D. the last"],
+             "Q2": [" yes, certainly so", " no"],
+             "A third, rather longer prompt that needs padding in its batch": [" x y z", " w"]}
+    prompts, continuations = [], []
+    for prompt, options in texts.items():
+        for option in options:
+            prompts.append(_encode(tokenizer, prompt))
+            continuations.append(_encode(tokenizer, option))
+    assert min(map(len, continuations)) == 1
+    got = continuation_log_probs(model, tokenizer, prompts, continuations, batch_size=2, progress=False)
+    for prompt, continuation, scores in zip(prompts, continuations, got):
+        np.testing.assert_allclose(scores, _hand_log_probs(model, prompt, continuation), atol=1e-4)
 
 
 def test_ref_loss_equals_hand_computation(tiny_qwen2, toy_records):
@@ -90,19 +120,20 @@ def test_option_choice_is_the_argmax_of_hand_computed_scores(tiny_qwen2, option_
 
 class BigramStub(torch.nn.Module):
     """A language model whose likeliest continuation is known: next-token logits are 0 but for +8 on
-    the given (previous token, next token) pairs."""
+    the given (previous token, next token) pairs. It needs no context, so its cache stays empty."""
 
     def __init__(self, vocab_size, pairs):
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # parameters() tells the device
         self.vocab_size, self.pairs = vocab_size, pairs
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0, use_cache=False,
+                cache=None):
         kept = input_ids[:, -logits_to_keep:] if logits_to_keep else input_ids
         logits = torch.zeros(*kept.shape, self.vocab_size)
         for previous, following in self.pairs:
             logits[..., following] += 8.0 * (kept == previous)
-        return SimpleNamespace(logits=logits)
+        return SimpleNamespace(logits=logits, cache=cache or DynamicCache())
 
 
 @pytest.mark.parametrize("option_format", ["letter_text", "letter", "text"])
