@@ -159,6 +159,7 @@ def continuation_log_probs(model, tokenizer, prompts: list[list[int]], continuat
     return out
 
 
+@torch.no_grad()
 def score_whole_sequences(batch: list[int], model, pad_id: int, prompts, continuations, out: list) -> None:
     """Fill out[i] for each pair i of `batch` (at most a batch's worth), from prompt + continuation as one
     left-padded sequence: every continuation ends in the last column, so the output head runs only over the
@@ -176,6 +177,7 @@ def score_whole_sequences(batch: list[int], model, pad_id: int, prompts, continu
         out[i] = picked[row, span - len(continuations[i]):]
 
 
+@torch.no_grad()
 def score_shared_prompts(pairs_of: dict[tuple, list[int]], model, pad_id: int, continuations, out: list, *,
                          batch_size: int) -> None:
     """Each prompt once; its last column scores the first token of its continuations, its cache the rest,
