@@ -254,6 +254,11 @@ def table_columns(runs: list[Run]) -> list[tuple[str, str]]:
     return columns
 
 
+def column_headers(columns: list[tuple[str, str]]) -> list[dict]:
+    """(mode, metric) pairs as the tables' column entries: the cells' key and the header's words."""
+    return [{"key": f"{mode}/{metric}", "mode": MODES[mode], "metric": METRICS[metric][0]} for mode, metric in columns]
+
+
 def _in_table(run: Run, fraction: float | None) -> bool:
     return run.selector in FIXED_FRACTIONS or run.fraction == fraction
 
@@ -475,8 +480,7 @@ def paired_by_fraction(runs: list[Run], resamples: int, seed: int) -> dict | Non
     if len({row["fraction"] for row in rows}) < 2:
         return None
     pairs = _pair_counts(cell for row in rows for cell in row["cells"].values())
-    return {"columns": [{"key": f"{mode}/{metric}", "mode": MODES[mode], "metric": METRICS[metric][0]}
-                        for mode, metric in columns], "rows": rows,
+    return {"columns": column_headers(columns), "rows": rows,
             "caption": (f"Each method - Random at the same subset size, over the (seed, evaluation example) pairs "
                         f"of the seeds both ran ({pairs} pairs per cell), in table units; "
                         f"[lo, hi] = {100 * CONFIDENCE:g} % percentile bootstrap interval ({resamples:,} resamples, "
@@ -510,8 +514,7 @@ def build_table(runs: list[Run], fraction: float | None, title: str | None = Non
         paired["caption"] = paired_caption(paired)
     return {"title": title, "fraction": fraction,
             "units": "ROUGE, BGE, accuracies in percent; LAJ 1-5; Loss in nats per token",
-            "columns": [{"key": f"{mode}/{metric}", "mode": MODES[mode], "metric": METRICS[metric][0]}
-                        for mode, metric in columns],
+            "columns": column_headers(columns),
             "rows": rows, "caption": make_caption(in_table, rows, columns, fraction), "paired": paired,
             "paired_by_fraction": paired_by_fraction(runs, resamples, seed),
             "sources": [str(run.path) for run in in_table]}
