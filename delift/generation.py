@@ -193,6 +193,7 @@ def score_shared_prompts(pairs_of: dict[tuple, list[int]], model, pad_id: int, c
     chunks = [pairs[start:start + batch_size] for start in range(0, len(pairs), batch_size)]
     for chunk in chunks:
         rows = torch.tensor([row for row, _ in chunk])
+        prompt_mask = mask[rows]
         chunk_continuations = [continuations[i] for _, i in chunk]
         first = last[rows.to(device), torch.tensor([c[0] for c in chunk_continuations], device=device)]
         rest = torch.empty((len(chunk), 0))
@@ -202,8 +203,8 @@ def score_shared_prompts(pairs_of: dict[tuple, list[int]], model, pad_id: int, c
             cache.batch_select_indices(rows.to(device))
             inputs, input_mask = right_pad([c[:-1] for c in chunk_continuations], pad_id)
             targets, _ = right_pad([c[1:] for c in chunk_continuations], pad_id)
-            columns = mask[rows].sum(-1, keepdim=True) + torch.arange(inputs.shape[1])
-            attention = torch.cat([mask[rows], input_mask], dim=1)
+            columns = prompt_mask.sum(-1, keepdim=True) + torch.arange(inputs.shape[1])
+            attention = torch.cat([prompt_mask, input_mask], dim=1)
             logits = model(input_ids=inputs.to(device), attention_mask=attention.to(device),
                            position_ids=columns.to(device), cache=cache).logits.float()
             rest = logits.gather(-1, targets.to(device).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
