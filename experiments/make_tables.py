@@ -30,7 +30,9 @@ the curve's lower panel shows those differences for its metric.
 
 Outputs with `--out PATH`: PATH.md (Markdown tables and captions), PATH.tex (booktabs tables),
 PATH.json (the aggregated numbers, in table units) and, where a selector was run at several
-fractions, PATH_budget.png (metric against subset size). The Markdown is printed either way.
+fractions, PATH_budget.png (metric against subset size). The Markdown is printed either way. The
+written files end with the commands that made them: each source multirun's `run.py -m` command
+(from Hydra's multirun.yaml in its sweep folder) and this script's own.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 import textwrap
 from collections import Counter, defaultdict
@@ -45,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from delift.errors import DeliftInputError
 
@@ -759,11 +763,30 @@ def plot_budget(curves: dict, path: Path) -> Path:
     return path
 
 
+def grid_commands(runs: list[Run]) -> list[str]:
+    """The `run.py -m` command of each Hydra multirun the runs come from, rebuilt from its multirun.yaml."""
+    commands = []
+    for sweep_dir in sorted({run.path.parent.parent for run in runs}):
+        saved = sweep_dir / "multirun.yaml"
+        if not saved.is_file():
+            continue
+        overrides = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("hydra", {}).get("overrides", {})
+        hydra_overrides = [o for o in overrides.get("hydra", []) if o != "hydra.mode=MULTIRUN"]
+        arguments = [*overrides.get("task", []), *hydra_overrides]
+        commands.append("python run.py -m " + shlex.join(arguments))
+    return list(dict.fromkeys(commands))
+
+
 def write_outputs(table: dict, curves: dict | None, out: Path) -> list[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     written = []
     aggregated = json.dumps({**table, "budget_curves": curves}, indent=2, ensure_ascii=False) + "\n"
-    for suffix, text in ((".md", to_markdown(table)), (".tex", to_latex(table, label=out.name)), (".json", aggregated)):
+    markdown, latex = to_markdown(table), to_latex(table, label=out.name)
+    if table.get("commands"):
+        commands = [*table["commands"]["grids"], table["commands"]["tables"]]
+        markdown += "\nMade with:\n\n```bash\n" + "\n".join(commands) + "\n```\n"
+        latex += "\n% Made with:\n" + "".join(f"% {command}\n" for command in commands)
+    for suffix, text in ((".md", markdown), (".tex", latex), (".json", aggregated)):
         path = out.with_name(out.name + suffix)
         path.write_text(text, encoding="utf-8")
         written.append(path)
@@ -794,6 +817,8 @@ def main(argv=None) -> int:
         if args.bootstrap < 1:
             raise DeliftInputError(f"must be at least 1, got {args.bootstrap}", field="--bootstrap")
         table = build_table(runs, fraction, args.title, resamples=args.bootstrap, seed=args.seed)
+        table["commands"] = {"grids": grid_commands(runs), "tables": "python experiments/make_tables.py " + shlex.join(
+            sys.argv[1:] if argv is None else argv)}
         curves = budget_curves(runs, args.curve_metric, resamples=args.bootstrap, seed=args.seed)
     except DeliftInputError as err:
         print(f"make_tables: error: {err}", file=sys.stderr)

@@ -200,6 +200,22 @@ def test_cli_writes_all_outputs(grid, tmp_path):
     assert r"\begin{tabular}" in out.with_name("mix.tex").read_text()
 
 
+def test_outputs_end_with_the_grid_and_table_commands(grid, tmp_path):
+    sweep_dir = grid / "multirun" / "2025-01-01"
+    (sweep_dir / "multirun.yaml").write_text(
+        "hydra:\n  overrides:\n    hydra: [hydra/launcher=joblib, hydra.mode=MULTIRUN]\n"
+        "    task: [+experiment=mix, 'seed=0,1,2', run.name=two words]\n")
+    out = tmp_path / "results" / "mix"
+    assert make_tables.main([str(grid), "--out", str(out), "--fraction", "0.3"]) == 0
+    grid_command = "python run.py -m +experiment=mix seed=0,1,2 'run.name=two words' hydra/launcher=joblib"
+    table_command = f"python experiments/make_tables.py {grid} --out {out} --fraction 0.3"
+    assert json.loads(out.with_name("mix.json").read_text())["commands"] == {
+        "grids": [grid_command], "tables": table_command}
+    markdown = out.with_name("mix.md").read_text()
+    assert markdown.endswith(f"Made with:\n\n```bash\n{grid_command}\n{table_command}\n```\n")
+    assert out.with_name("mix.tex").read_text().endswith(f"% Made with:\n% {grid_command}\n% {table_command}\n")
+
+
 def test_bad_inputs_give_one_error_line(tmp_path):
     root = _write_grid(tmp_path / "runs", with_curve=False)
     broken = root / "broken"
