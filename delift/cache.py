@@ -31,6 +31,11 @@ def records_hash(records) -> str:
     return content_hash([[r["id"], r["instruction"], r["input"], r["output"]] for r in records])
 
 
+def default_cache_dir() -> Path:
+    """$DELIFT_CACHE_DIR, else ~/.cache/delift: conf/paths' default, for scripts run outside Hydra."""
+    return Path(os.environ.get("DELIFT_CACHE_DIR", Path.home() / ".cache" / "delift"))
+
+
 def cache_folder(cache_dir, kind: str, key: str) -> Path:
     folder = Path(cache_dir) / kind / key
     folder.mkdir(parents=True, exist_ok=True)

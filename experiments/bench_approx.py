@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from delift.cache import content_hash, save_json  # noqa: E402
+from delift.cache import content_hash, default_cache_dir, save_json  # noqa: E402
 from delift.data.packaged import mixed_sample  # noqa: E402
 from delift.embeddings import Embedder, cosine_kernel01  # noqa: E402
 from delift.models import PackagedGGUFModel  # noqa: E402
@@ -175,7 +175,7 @@ def main() -> None:
     parser.add_argument("--force", action="store_true", help="rerun finished configurations")
     parser.add_argument("--rescore", action="store_true",
                         help="recompute the quality of finished configurations from their cached kernels")
-    parser.add_argument("--cache-dir", default=os.environ.get("DELIFT_CACHE_DIR", str(Path.home() / ".cache/delift")))
+    parser.add_argument("--cache-dir", default=str(default_cache_dir()))
     args = parser.parse_args()
 
     work = Path(args.work_dir or f"outputs/bench_approx/n{args.n}")

@@ -21,11 +21,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from delift.cache import default_cache_dir  # noqa: E402
 from delift.data.packaged import mixed_sample  # noqa: E402
 from delift.models import PackagedGGUFModel  # noqa: E402
 from delift.objectives import select  # noqa: E402
@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--knn-k", type=int, default=None, help="also run the knn approximation with this k")
-    parser.add_argument("--cache-dir", default=os.environ.get("DELIFT_CACHE_DIR", str(Path.home() / ".cache/delift")),
+    parser.add_argument("--cache-dir", default=str(default_cache_dir()),
                         help="where the converted SmolLM2 lives (kernels themselves are not cached here)")
     args = parser.parse_args()
     if args.threads:

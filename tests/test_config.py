@@ -58,3 +58,16 @@ def test_defaults_are_offline(tmp_path):
     assert cfg.model.get("trust_remote_code", False) is False
     for f in (Path(CONF_DIR) / "model").glob("*.yaml"):
         assert OmegaConf.load(f).get("trust_remote_code", False) is False, f
+
+
+@pytest.mark.parametrize("env_cache", [None, "/elsewhere/delift-cache"])
+def test_scripts_default_cache_dir_is_the_configs(env_cache, monkeypatch):
+    from delift.cache import default_cache_dir
+
+    monkeypatch.setenv("HOME", "/home/someone")
+    if env_cache is None:
+        monkeypatch.delenv("DELIFT_CACHE_DIR", raising=False)
+    else:
+        monkeypatch.setenv("DELIFT_CACHE_DIR", env_cache)
+    configured = OmegaConf.load(Path(CONF_DIR) / "paths" / "default.yaml").cache_dir
+    assert default_cache_dir() == Path(configured) == Path(env_cache or "/home/someone/.cache/delift")
