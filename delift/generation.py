@@ -141,13 +141,12 @@ def continuation_log_probs(model, tokenizer, prompts: list[list[int]], continuat
     pairs_of: dict[tuple[int, ...], list[int]] = {}
     for i, prompt in enumerate(prompts):
         pairs_of.setdefault(tuple(prompt), []).append(i)
-    alone = sorted((pairs[0] for pairs in pairs_of.values() if len(pairs) == 1),
-                   key=lambda i: (len(prompts[i]) + len(continuations[i]), i))
+    alone = [pairs[0] for pairs in pairs_of.values() if len(pairs) == 1]
     shared = sorted((prompt for prompt, pairs in pairs_of.items() if len(pairs) > 1), key=len)
     out: list[np.ndarray] = [np.empty(0)] * len(prompts)
     pad_id = tokenizer.pad_token_id
-    work = [partial(score_whole_sequences, alone[start:start + batch_size], model, pad_id, prompts, continuations, out)
-            for start in range(0, len(alone), batch_size)]
+    work = [partial(score_whole_sequences, batch, model, pad_id, prompts, continuations, out)
+            for batch in whole_sequence_batches(alone, prompts, continuations, batch_size)]
     work += [partial(score_shared_prompts, {prompt: pairs_of[prompt] for prompt in shared[start:start + batch_size]},
                      model, pad_id, continuations, out, batch_size=batch_size)
              for start in range(0, len(shared), batch_size)]
@@ -157,6 +156,13 @@ def continuation_log_probs(model, tokenizer, prompts: list[list[int]], continuat
         score()
     model.train(was_training)
     return out
+
+
+def whole_sequence_batches(pairs, prompts, continuations, batch_size: int) -> list[list[int]]:
+    """The pair indices `pairs` in batches for `score_whole_sequences`, shortest prompt + continuation first
+    (less padding per batch)."""
+    order = sorted(pairs, key=lambda i: (len(prompts[i]) + len(continuations[i]), i))
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ import torch
 from delift.cache import default_cache_dir
 from delift.data.packaged import load_gsm8k_offline, load_mmlu_offline, load_trivia_offline
 from delift.evaluation import likelihood_pairs
-from delift.generation import score_whole_sequences, continuation_log_probs
+from delift.generation import continuation_log_probs, score_whole_sequences, whole_sequence_batches
 from delift.models import PackagedGGUFModel
 from delift.prompts import format_prompt
 
@@ -34,13 +34,10 @@ SOURCES = {"mmlu": load_mmlu_offline, "trivia": load_trivia_offline, "gsm8k": lo
 
 def one_pass_per_pair(model, tokenizer, prompts, continuations, *, batch_size: int = 8) -> list[np.ndarray]:
     """The comparison: every pair as one whole sequence, in length-sorted batches."""
-    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]) + len(continuations[i]), i))
     out: list[np.ndarray] = [np.empty(0)] * len(prompts)
     model.eval()
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            score_whole_sequences(order[start:start + batch_size], model, tokenizer.pad_token_id, prompts,
-                                  continuations, out)
+    for batch in whole_sequence_batches(range(len(prompts)), prompts, continuations, batch_size):
+        score_whole_sequences(batch, model, tokenizer.pad_token_id, prompts, continuations, out)
     return out
 
 
