@@ -3,14 +3,18 @@
 Public API
 ----------
 ``select(kernel, budget, objective, *, query_kernel=None, private_kernel=None, eta=1.0, nu=1.0,
-backend="ours", normalize="joint", progress=True, return_details=False) -> list[int] | GreedyResult``
+backend="ours", normalize="global", self_utility="include", groups=None, floor="min", progress=True,
+return_details=False) -> list[int] | GreedyResult``
     The selected indices in greedy order (or the whole ``GreedyResult`` with ``return_details``).
 ``maximize(kernel, budget, objective, *, <same keywords, no return_details>) -> GreedyResult``
     ``GreedyResult(indices, gains, value)``: indices in greedy order, the marginal gain of each
     when it was added, and ``value`` = f(selected) on the normalised kernels (= sum of the gains).
 ``objective_value(kernel, selected, objective, *, query_kernel=None, private_kernel=None, eta=1.0,
-nu=1.0, normalize="joint") -> float``
+nu=1.0, normalize="global", self_utility="include", groups=None, floor="min") -> float``
     f(selected) evaluated straight from the formula (float64).
+``self_coverage_share(kernel, selected, objective, *, <the same keywords but self_utility>) -> float | None``
+    The share of f(selected), read with the diagonal included, that records earn by covering
+    themselves (None for fl2mi).
 ``minmax01(kernel, *, bounds=None) -> np.ndarray`` (float32) and ``kernel_bounds(*kernels) -> (lo, hi)``
     The min-max normalisation to [0, 1]; ``delift.utility`` reuses it.
 
@@ -46,24 +50,43 @@ set (max over an empty set = 0):
   pool kernel is only shape-checked).
 - ``flcg``  f(A|E) = sum_i max(max_{j in A} s[i, j] - nu * max_e e[i, e], 0)
 
+Self-utility
+------------
+A pool kernel's diagonal is each record's utility as its own demonstration, UF_i(i): with itself in
+the prompt the model can copy its answer, so it is the largest entry of nearly every row, and FL with
+it ranks records by how copyable they are rather than by how they help the others.
+``self_utility="exclude"`` takes it out of the objective: s[i, i] is read as 0 (a sparse kernel's
+stored diagonal is dropped) and left out of the normalisation's ranges, so a row is covered only by
+*other* selected records. ``"include"`` (the reference code) keeps it. Only the pool kernel has a
+diagonal: the query and existing kernels pair different records, and fl2mi reads no pool kernel.
+
 Normalisation
 -------------
-``normalize="joint"`` (default; ``True`` means the same): one min-max to [0, 1] taken jointly
-over all the kernels the objective reads. FLMI takes a min across ``kernel`` and
-``query_kernel``, FLCG a difference across ``kernel`` and ``private_kernel``: one common
-increasing affine map keeps those comparisons as they are on the raw kernels (which value is
-larger, by how much relative to the common range), so eta and nu weigh values on one scale and
-mean the same trade-off whatever the data.
-``normalize="separate"`` min-maxes each kernel over its own range, as the DELIFT reference code
-does (subset_selection/subset_fl.py); it stretches a kernel of narrow range (e.g. a query kernel
-whose values all sit below the pool kernel's) to [0, 1], which changes which FLMI cap binds or
-how much of the FLCG coverage the existing data already gives. FL and FL2MI read one kernel, so
-both choices give the same result there. A constant kernel maps to zeros. With
-``normalize=False`` the kernels are used as they are and must be non-negative (submodlib
-assumes it). Both backends receive the same normalised float32 values.
+Every kernel is min-maxed to [0, 1] before the greedy, s = clip((x - lo) / (hi - lo), 0, 1) (0 where
+hi <= lo), with the ranges taken over the entries the objective reads (the diagonal left out under
+exclude):
+
+- ``"global"`` (default; ``True`` means the same): one (lo, hi) over all the kernels. FLMI takes a
+  min across ``kernel`` and ``query_kernel``, FLCG a difference across ``kernel`` and
+  ``private_kernel``: one common increasing affine map keeps those comparisons as they are on the
+  raw kernels, so eta and nu weigh values on one scale whatever the data.
+- ``"separate"``: each kernel over its own range, as the DELIFT reference code does
+  (subset_selection/subset_fl.py); it stretches a kernel of narrow range (e.g. a query kernel whose
+  values all sit below the pool kernel's) to [0, 1], which changes which FLMI cap binds or how much
+  of the FLCG coverage the existing data already gives. FL and FL2MI read one kernel, so there it
+  equals global.
+- ``"row"``: each covered row i over its own range (lo_i, hi_i), taken across every kernel the row
+  is read in (so FLMI's min and FLCG's difference stay on one scale within the row): every
+  record's coverage counts alike, whatever the scale of its source's utilities.
+- ``"source"``: rows grouped by ``groups`` (their source), each group over its range.
+- ``False``: the kernels are used as they are and must be non-negative (submodlib assumes it).
+
+``floor="zero"`` fixes lo at 0 (UF 0, "no help", maps to 0 and harmful pairs are clipped to it):
+how the DELIFT selector reads approximate kernels with ``missing="neutral"``. Both backends receive
+the same normalised float32 values.
 
 Sparse kernels: the min-max runs over the stored entries only (jointly with every entry of the
-dense kernels read, or per kernel with ``normalize="separate"``), a stored x becomes
+dense kernels read, or per kernel, row or source as configured), a stored x becomes
 clip((x - lo) / (hi - lo), 0, 1) and an unstored entry stays 0, whatever lo is. So a sparse
 kernel gives exactly the selection (same indices, same order, gains equal to float rounding) of
 the dense kernel that holds its normalised entries and 0 elsewhere, run with
@@ -108,14 +131,15 @@ kernel costs O(nnz) instead: a CSR copy, its normalised float32 CSR and the tran
 this 2-core machine).
 
 Guards: budget < 1, NaN/inf entries, negative entries (normalize=False), wrong shapes, a
-missing/unused kernel or an unknown ``normalize`` raise DeliftInputError; budget >= n selects
+missing/unused kernel, an unknown ``normalize``, ``self_utility`` or ``floor``, or ``groups`` that do
+not match the rows under ``normalize="source"`` raise DeliftInputError; budget >= n selects
 everything (logged), still in greedy order.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
 import numpy as np
@@ -128,9 +152,12 @@ log = logging.getLogger(__name__)
 
 Objective = Literal["fl", "flmi", "fl2mi", "flcg"]
 Backend = Literal["ours", "submodlib"]
-Normalization = Literal["joint", "separate"]
+Normalization = Literal["global", "separate", "row", "source"]
+SelfUtility = Literal["include", "exclude"]
+Floor = Literal["min", "zero"]  # what maps to 0: each range's minimum, or UF 0 (negatives clipped)
 Missing = Literal["neutral", "bottom"]  # how an approximate (sparse) kernel's unmeasured pair is read
 OBJECTIVES, BACKENDS, NORMALIZATIONS = get_args(Objective), get_args(Backend), get_args(Normalization)
+SELF_UTILITIES, FLOORS = get_args(SelfUtility), get_args(Floor)
 
 # Which kernels each objective reads.
 _KERNELS_READ = {
@@ -156,22 +183,26 @@ class GreedyResult:
 
 
 def select(kernel, budget, objective, *, query_kernel=None, private_kernel=None, eta=1.0, nu=1.0,
-           backend="ours", normalize="joint", progress=True, return_details=False):
+           backend="ours", normalize="global", self_utility="include", groups=None, floor="min", progress=True,
+           return_details=False):
     """Greedy subset of size `budget` maximising `objective`: the indices, or the GreedyResult."""
     result = maximize(kernel, budget, objective, query_kernel=query_kernel, private_kernel=private_kernel,
-                      eta=eta, nu=nu, backend=backend, normalize=normalize, progress=progress)
+                      eta=eta, nu=nu, backend=backend, normalize=normalize, self_utility=self_utility,
+                      groups=groups, floor=floor, progress=progress)
     return result if return_details else result.indices
 
 
 def maximize(kernel, budget, objective, *, query_kernel=None, private_kernel=None, eta=1.0, nu=1.0,
-             backend="ours", normalize="joint", progress=True) -> GreedyResult:
+             backend="ours", normalize="global", self_utility="include", groups=None, floor="min",
+             progress=True) -> GreedyResult:
     """Run the lazy greedy of `backend` on the (normalised) kernels; see the module docstring."""
     if backend not in BACKENDS:
         raise DeliftInputError(f"unknown backend {backend!r}; expected one of {BACKENDS}", field="backend")
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
         raise DeliftInputError(f"must be a positive integer, got {budget!r}", field="budget")
     budget = int(budget)
-    problem = _Problem.build(kernel, objective, query_kernel, private_kernel, eta, nu, normalize)
+    problem = _Problem.build(kernel, objective, query_kernel, private_kernel, eta, nu, normalize, self_utility,
+                             groups, floor)
     if budget >= problem.n:
         log.warning("budget %d >= pool size %d: selecting all %d examples", budget, problem.n, problem.n)
         budget = problem.n
@@ -191,16 +222,38 @@ def maximize(kernel, budget, objective, *, query_kernel=None, private_kernel=Non
 
 
 def objective_value(kernel, selected, objective, *, query_kernel=None, private_kernel=None, eta=1.0, nu=1.0,
-                    normalize="joint") -> float:
+                    normalize="global", self_utility="include", groups=None, floor="min") -> float:
     """f(selected) straight from the formula of `objective` (module docstring), in float64."""
-    problem = _Problem.build(kernel, objective, query_kernel, private_kernel, eta, nu, normalize)
+    problem = _Problem.build(kernel, objective, query_kernel, private_kernel, eta, nu, normalize, self_utility,
+                             groups, floor)
+    return problem.value(_checked_selection(selected, problem.n))
+
+
+def self_coverage_share(kernel, selected, objective, *, query_kernel=None, private_kernel=None, eta=1.0, nu=1.0,
+                        normalize="global", groups=None, floor="min") -> float | None:
+    """The share of f(selected), read as the reference code reads it (every record's own entry
+    included), that comes from selected records covering themselves: 1 - f'(selected) / f(selected),
+    where f' is the same objective on the same normalised kernel with its diagonal set to 0. None for
+    fl2mi (no pool kernel) and where f(selected) is 0."""
+    if objective == "fl2mi":
+        return None
+    problem = _Problem.build(kernel, objective, query_kernel, private_kernel, eta, nu, normalize, "include",
+                             groups, floor)
+    chosen = _checked_selection(selected, problem.n)
+    total = problem.value(chosen)
+    if total <= 0:
+        return None
+    return 1.0 - problem.without_diagonal().value(chosen) / total
+
+
+def _checked_selection(selected, n: int) -> list[int]:
     chosen = [int(j) for j in selected]
-    bad = [j for j in chosen if not 0 <= j < problem.n]
+    bad = [j for j in chosen if not 0 <= j < n]
     if bad:
-        raise DeliftInputError(f"index {bad[0]} is outside the pool of {problem.n}", field="selected")
+        raise DeliftInputError(f"index {bad[0]} is outside the pool of {n}", field="selected")
     if len(set(chosen)) != len(chosen):
         raise DeliftInputError("contains repeated indices", field="selected")
-    return problem.value(chosen)
+    return chosen
 
 
 def kernel_bounds(*kernels) -> tuple[float, float]:
@@ -229,21 +282,48 @@ def minmax01(kernel, *, bounds=None):
     return out
 
 
-def _scale_block(block: np.ndarray, lo: float, hi: float) -> np.ndarray:
+def _scale_block(block: np.ndarray, lo, hi) -> np.ndarray:
+    """(block - lo) / (hi - lo) clipped to [0, 1], float32; 0 where hi <= lo. `lo` and `hi` are numbers,
+    or arrays that broadcast against `block` (per-row bounds: one value per row, or per stored entry)."""
     # Elementwise, so the result does not depend on how the kernel is split into blocks; float64
     # inputs are scaled in float64, everything else in float32.
-    if hi <= lo:
-        return np.zeros(block.shape, dtype=np.float32)
     dtype = np.float64 if block.dtype == np.float64 else np.float32
-    scaled = np.subtract(block, dtype(lo), dtype=dtype)
-    np.divide(scaled, dtype(hi - lo), out=scaled)
-    return np.clip(scaled, 0.0, 1.0, out=scaled).astype(np.float32, copy=False)
+    if np.ndim(lo) == 0:
+        if hi <= lo:
+            return np.zeros(block.shape, dtype=np.float32)
+        scaled = np.subtract(block, dtype(lo), dtype=dtype)
+        np.divide(scaled, dtype(hi - lo), out=scaled)
+        return np.clip(scaled, 0.0, 1.0, out=scaled).astype(np.float32, copy=False)
+    lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+    empty = ~(hi > lo)  # a range of one value, or a row with no entries (lo = inf)
+    span = np.where(empty, 1.0, hi - lo).astype(dtype)
+    scaled = np.subtract(block, np.where(empty, 0.0, lo).astype(dtype), dtype=dtype)
+    np.divide(scaled, span, out=scaled)
+    scaled = np.clip(scaled, 0.0, 1.0, out=scaled)
+    scaled[np.broadcast_to(empty, scaled.shape)] = 0.0
+    return scaled.astype(np.float32, copy=False)
 
 
-def _scaled_csr(kernel, lo: float, hi: float, copy: bool = False):
-    """Canonical CSR `kernel` with its stored entries min-max scaled (float32); same sparsity structure."""
+def _scaled_csr(kernel, lo, hi, copy: bool = False):
+    """Canonical CSR `kernel` with its stored entries min-max scaled (float32); same sparsity structure.
+    Per-row bounds (arrays over the rows) are applied to each row's stored entries."""
     indices, indptr = (kernel.indices.copy(), kernel.indptr.copy()) if copy else (kernel.indices, kernel.indptr)
+    if np.ndim(lo) != 0:
+        rows = _entry_rows(kernel.indptr)
+        lo, hi = np.asarray(lo)[rows], np.asarray(hi)[rows]
     return scipy.sparse.csr_array((_scale_block(kernel.data, lo, hi), indices, indptr), shape=kernel.shape)
+
+
+def _entry_rows(indptr: np.ndarray) -> np.ndarray:
+    """The row of each stored entry of a CSR matrix."""
+    return np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+
+
+def _without_diagonal(kernel):
+    """A CSR copy of square `kernel` without its stored diagonal entries."""
+    off = _entry_rows(kernel.indptr) != kernel.indices
+    kept = np.concatenate(([0], np.cumsum(off)))[kernel.indptr]
+    return scipy.sparse.csr_array((kernel.data[off], kernel.indices[off], kept), shape=kernel.shape)
 
 
 def _csr_row_max(values: np.ndarray, indptr: np.ndarray, n_rows: int) -> np.ndarray:
@@ -297,13 +377,66 @@ def _as_sparse(array, name: str):
 
 
 def _normalization(normalize) -> str | None:
-    """"joint", "separate" or None (kernels used as they are) from the `normalize` argument."""
+    """"global", "separate", "row", "source" or None (kernels used as they are) from `normalize`."""
     if isinstance(normalize, (bool, np.bool_)):
-        return "joint" if normalize else None
+        return "global" if normalize else None
     if normalize not in NORMALIZATIONS:
         raise DeliftInputError(f"must be one of {NORMALIZATIONS}, True or False, got {normalize!r}",
                                field="normalize")
     return normalize
+
+
+def _row_bounds(array, name: str, mask_diagonal: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row (min, max) of `array` as float64 vectors (a sparse kernel: over its stored entries; a row
+    with none gives (inf, -inf)); with `mask_diagonal` the entries [i, i] are left out. NaN/inf raises."""
+    if scipy.sparse.issparse(array):
+        _scan_bounds(array, name)  # the finiteness check, naming the first bad entry
+        lo, hi = np.full(array.shape[0], np.inf), np.full(array.shape[0], -np.inf)
+        nonempty = np.flatnonzero(np.diff(array.indptr))
+        if nonempty.size:
+            lo[nonempty] = np.minimum.reduceat(array.data, array.indptr[nonempty])
+            hi[nonempty] = np.maximum.reduceat(array.data, array.indptr[nonempty])
+        return lo, hi
+    lo, hi = np.empty(array.shape[0]), np.empty(array.shape[0])
+    for start, stop in _row_blocks(array.shape):
+        block = np.asarray(array[start:stop])
+        if not (np.isfinite(block.min()) and np.isfinite(block.max())):
+            i, j = np.argwhere(~np.isfinite(block))[0]
+            raise DeliftInputError(f"entry [{start + i}, {j}] is {block[i, j]}; kernels must be finite", field=name)
+        if mask_diagonal:
+            block = block.astype(np.float64)
+            local = np.arange(stop - start)
+            block[local, start + local] = np.inf
+            lo[start:stop] = block.min(axis=1)
+            block[local, start + local] = -np.inf
+            hi[start:stop] = block.max(axis=1)
+        else:
+            lo[start:stop], hi[start:stop] = block.min(axis=1), block.max(axis=1)
+    return lo, hi
+
+
+def _normalization_bounds(row_bounds: dict, normalization: str, groups, floor: str) -> dict:
+    """Kernel name -> (lo, hi) of the min-max: numbers (global, separate) or per-row vectors (row, source)."""
+    lo_rows = np.minimum.reduce([lo for lo, _ in row_bounds.values()])
+    hi_rows = np.maximum.reduce([hi for _, hi in row_bounds.values()])
+    if normalization == "global":
+        bounds = dict.fromkeys(row_bounds, (float(lo_rows.min()), float(hi_rows.max())))
+    elif normalization == "separate":
+        bounds = {name: (float(lo.min()), float(hi.max())) for name, (lo, hi) in row_bounds.items()}
+    elif normalization == "row":
+        bounds = dict.fromkeys(row_bounds, (lo_rows, hi_rows))
+    else:
+        if groups is None or len(groups) != len(lo_rows):
+            raise DeliftInputError(f"normalize='source' needs one group (source) per covered row ({len(lo_rows)}), "
+                                   f"got {None if groups is None else len(groups)}", field="groups")
+        _, codes = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+        group_lo, group_hi = np.full(codes.max() + 1, np.inf), np.full(codes.max() + 1, -np.inf)
+        np.minimum.at(group_lo, codes, lo_rows)
+        np.maximum.at(group_hi, codes, hi_rows)
+        bounds = dict.fromkeys(row_bounds, (group_lo[codes], group_hi[codes]))
+    if floor == "zero":  # UF 0 (no help) maps to 0 and harmful pairs are clipped to it
+        bounds = {name: (0.0 if np.ndim(lo) == 0 else np.zeros_like(lo), hi) for name, (lo, hi) in bounds.items()}
+    return bounds
 
 
 def _scan_bounds(array, name: str) -> tuple[float, float]:
@@ -355,13 +488,20 @@ class _Problem:
     kernels: dict  # name -> raw 2-D array (possibly a memory map) or canonical CSR array
     eta: float
     nu: float
-    bounds: dict | None  # name -> min-max (lo, hi); None when the kernels are used as they are
+    # name -> min-max (lo, hi): numbers, or per-row vectors (normalize row/source); None: used as they are
+    bounds: dict | None
+    mask_diagonal: bool = False  # a dense pool kernel read with its diagonal as 0 (self-utility excluded)
 
     @classmethod
-    def build(cls, kernel, objective, query_kernel, private_kernel, eta, nu, normalize) -> "_Problem":
+    def build(cls, kernel, objective, query_kernel, private_kernel, eta, nu, normalize, self_utility="include",
+              groups=None, floor="min") -> "_Problem":
         if objective not in OBJECTIVES:
             raise DeliftInputError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}",
                                    field="objective")
+        if self_utility not in SELF_UTILITIES:
+            raise DeliftInputError(f"must be one of {SELF_UTILITIES}, got {self_utility!r}", field="self_utility")
+        if floor not in FLOORS:
+            raise DeliftInputError(f"must be one of {FLOORS}, got {floor!r}", field="floor")
         given = {"kernel": kernel, "query_kernel": query_kernel, "private_kernel": private_kernel}
         read = _KERNELS_READ[objective]
         for name, array in given.items():
@@ -389,22 +529,42 @@ class _Problem:
             if not (np.isfinite(weight) and weight >= 0):
                 raise DeliftInputError(f"must be a finite number >= 0, got {weight!r}", field=name)
 
-        bounds = {name: _scan_bounds(array, name) for name, array in kernels.items()}
+        # Self-utility excluded: only the pool kernel has a diagonal (the others pair different records). A
+        # sparse one loses its diagonal entries (unstored = 0); a dense one is read with 0 there. Either
+        # way the diagonal takes no part in the normalisation's ranges either.
+        mask_diagonal = False
+        if self_utility == "exclude" and "kernel" in kernels:
+            if scipy.sparse.issparse(kernels["kernel"]):
+                kernels["kernel"] = _without_diagonal(kernels["kernel"])
+            else:
+                mask_diagonal = True
+        row_bounds = {name: _row_bounds(array, name, mask_diagonal and name == "kernel")
+                      for name, array in kernels.items()}
         if normalization is None:
-            if min(lo for lo, _ in bounds.values()) < 0:
+            if min(float(lo.min()) for lo, _ in row_bounds.values()) < 0:
                 for name, array in kernels.items():
                     _first_negative(array, name)
-            return cls(objective, n, kernels, float(eta), float(nu), None)
-        if normalization == "joint":
-            joint = min(lo for lo, _ in bounds.values()), max(hi for _, hi in bounds.values())
-            bounds = dict.fromkeys(bounds, joint)
-        return cls(objective, n, kernels, float(eta), float(nu), bounds)
+            return cls(objective, n, kernels, float(eta), float(nu), None, mask_diagonal)
+        bounds = _normalization_bounds(row_bounds, normalization, groups, floor)
+        return cls(objective, n, kernels, float(eta), float(nu), bounds, mask_diagonal)
 
-    def scaled(self, name: str, values: np.ndarray) -> np.ndarray:
-        """Float32 `values` of kernel `name`, normalised as configured."""
+    def without_diagonal(self) -> "_Problem":
+        """The same problem, normalised as it is, with the pool kernel's diagonal read as 0."""
+        if scipy.sparse.issparse(self.kernels["kernel"]):
+            return replace(self, kernels=self.kernels | {"kernel": _without_diagonal(self.kernels["kernel"])})
+        return replace(self, mask_diagonal=True)
+
+    def scaled(self, name: str, values: np.ndarray, rows=None) -> np.ndarray:
+        """Float32 `values` of kernel `name`, normalised as configured; `rows` (an index array) says
+        which row each row of a 2-D `values`, or each entry of a 1-D one, belongs to (per-row bounds)."""
         if self.bounds is None:
             return values.astype(np.float32)
-        return _scale_block(values, *self.bounds[name])
+        lo, hi = self.bounds[name]
+        if np.ndim(lo) != 0:
+            lo, hi = lo[rows], hi[rows]
+            if values.ndim == 2:
+                lo, hi = lo[:, None], hi[:, None]
+        return _scale_block(values, lo, hi)
 
     def is_sparse(self, name: str) -> bool:
         return scipy.sparse.issparse(self.kernels[name])
@@ -422,11 +582,15 @@ class _Problem:
         Rows of a sparse kernel come dense, 0 where nothing is stored (only `dense`, i.e. the
         submodlib backend, reads a sparse kernel this way).
         """
+        numbers = np.arange(self.kernels[name].shape[0])[rows]
         if self.is_sparse(name):
             block = self.kernels[name][rows]
-            return scipy.sparse.csr_array((self.scaled(name, block.data), block.indices, block.indptr),
-                                          shape=block.shape).toarray()
-        return self.scaled(name, np.asarray(self.kernels[name][rows]))
+            data = self.scaled(name, block.data, numbers[_entry_rows(block.indptr)])
+            return scipy.sparse.csr_array((data, block.indices, block.indptr), shape=block.shape).toarray()
+        out = self.scaled(name, np.asarray(self.kernels[name][rows]), numbers)
+        if self.mask_diagonal and name == "kernel":
+            out[np.arange(len(numbers)), numbers] = 0.0
+        return out
 
     def row_blocks(self, name: str):
         for start, stop in _row_blocks(self.kernels[name].shape):
@@ -494,7 +658,7 @@ class _Problem:
     def _sparse_fl2mi_value(self, chosen: list[int]) -> float:
         # The chosen columns of the (target x pool) query kernel, unstored entries 0: the dense maxima.
         query = self.kernels["query_kernel"][:, np.asarray(chosen, dtype=np.int64)]
-        data = self.scaled("query_kernel", query.data)
+        data = self.scaled("query_kernel", query.data, _entry_rows(query.indptr))
         per_target = _csr_row_max(data, query.indptr, query.shape[0])
         per_chosen = np.zeros(query.shape[1], dtype=np.float32)
         np.maximum.at(per_chosen, query.indices, data)
@@ -505,7 +669,8 @@ class _Problem:
         if self.is_sparse("kernel"):
             if columns.size:
                 picked = self.kernels["kernel"][:, columns]
-                covered = _csr_row_max(self.scaled("kernel", picked.data), picked.indptr, self.n).astype(np.float64)
+                data = self.scaled("kernel", picked.data, _entry_rows(picked.indptr))
+                covered = _csr_row_max(data, picked.indptr, self.n).astype(np.float64)
             else:
                 covered = np.zeros(self.n)
         else:
@@ -561,7 +726,8 @@ class _CoverageState:
             return cls(query, np.zeros(query.shape[0], dtype=np.float32), modular=modular, progress=progress)
         raw = problem.kernels["kernel"]
         # A float32 C-ordered kernel used as it is (e.g. a memory map) needs no copy.
-        use_raw = problem.bounds is None and raw.dtype == np.float32 and raw.flags.c_contiguous
+        use_raw = (problem.bounds is None and not problem.mask_diagonal and raw.dtype == np.float32
+                   and raw.flags.c_contiguous)
         covers = raw if use_raw else problem.dense("kernel")
         coverage = np.zeros(problem.n, dtype=np.float32)
         if problem.objective == "flmi":

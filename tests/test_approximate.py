@@ -88,22 +88,26 @@ def test_measured_values_win_over_predictions_and_zeros_stay_stored():
 
 
 def test_unmeasured_pairs_read_as_neutral_demonstrations():
-    from delift.utility.kernel import approximate_similarities
+    from delift.objectives import objective_value
+    from delift.utility.kernel import similarity_floor
 
     pool = sp.csr_matrix((np.array([0.4, -0.2, 0.0, 0.8], dtype=np.float32), [0, 1, 1, 2], [0, 2, 3, 4]),
                          shape=(3, 3))
     query = sp.csr_matrix(np.array([[0.2], [0.0], [-1.0]], dtype=np.float32))
-    kernels, normalize = approximate_similarities({"kernel": pool, "query_kernel": query})
-    assert normalize is False
-    # max(UF, 0) over the joint maximum 0.8: harmful pairs read as neutral, missing pairs stay 0 (= UF 0).
-    assert kernels["kernel"].indices.tolist() == [0, 1, 1, 2] and kernels["kernel"].data.tolist() == [0.5, 0, 0, 1]
-    assert kernels["query_kernel"].toarray().ravel().tolist() == [0.25, 0, 0]
+    floor = similarity_floor({"kernel": pool, "query_kernel": query})
+    assert floor == "zero"
+    # max(UF, 0) over the joint maximum 0.8: harmful pairs read as neutral, missing pairs stay 0 (= UF 0):
+    # the pool kernel reads [[0.5, 0, .], [., 0, .], [., ., 1]], so column 0 covers 0.5 and column 2 covers 1.
+    for column, value in ((0, 0.5), (1, 0.0), (2, 1.0)):
+        assert objective_value(pool, [column], "fl", floor=floor) == pytest.approx(value)
+    # FLMI caps = the query kernel read the same way: 0.25, 0, 0.
+    assert objective_value(pool, [0], "flmi", query_kernel=query, floor=floor) == pytest.approx(0.25)
     assert pool.data.tolist() == pytest.approx([0.4, -0.2, 0.0, 0.8])  # the caller's kernel is untouched
-    dense = {"kernel": np.eye(2), "query_kernel": None}
-    assert approximate_similarities(dense) == (dense, True)  # exact kernels keep the objectives' min-max
-    assert approximate_similarities({"kernel": pool}, "bottom") == ({"kernel": pool}, True)
+    # Exact kernels keep the objectives' min-max, and so does missing=bottom.
+    assert similarity_floor({"kernel": np.eye(2), "query_kernel": None}) == "min"
+    assert similarity_floor({"kernel": pool}, "bottom") == "min"
     with pytest.raises(DeliftInputError, match="selector.missing"):
-        approximate_similarities({"kernel": pool}, "middle")
+        similarity_floor({"kernel": pool}, "middle")
 
 
 class FixedEmbedder:
@@ -139,11 +143,12 @@ def stored(kernel):
 def test_knn_engine_is_sparse_and_exact_on_its_pairs(toy, smollm2, tmp_path):
     records, exact = toy
     details = {}
-    approx = compute_kernel(smollm2.model, smollm2.tokenizer, records, engine="knn", knn_k=2,
+    approx = compute_kernel(smollm2.model, smollm2.tokenizer, records, engine="knn", knn_k=1,
                             embedder=FixedEmbedder(records), progress=False, details=details)
     assert sp.issparse(approx) and approx.shape == (6, 6) and approx.dtype == np.float32
     entries = stored(approx)
-    # Each row: itself and its group's nearest other member.
+    # Each row: itself (its self-utility, kept for selection to include or exclude) and its k = 1 nearest
+    # *other* record, its group's nearest other member.
     assert set(entries) == {(0, 0), (0, 1), (1, 1), (1, 2), (2, 1), (2, 2), (3, 3), (3, 4), (4, 4), (4, 5),
                             (5, 4), (5, 5)}
     assert max(abs(v - exact[k]) for k, v in entries.items()) <= 1e-5
@@ -182,12 +187,13 @@ def test_proxy_engine_predicts_candidates_and_keeps_measured_pairs_exact(tiny_qw
     exact = compute_kernel(tiny_qwen2.model, tiny_qwen2.tokenizer, records, progress=False)
     entries = stored(kernel)
     graph = candidate_graph(SeededEmbedder().encode([record_text(r) for r in records]),
-                            SeededEmbedder().encode([record_text(r) for r in records]), 4, random=1)
+                            SeededEmbedder().encode([record_text(r) for r in records]), 4, random=1, self_pairs=True)
     graph_pairs = set(zip(graph.pair_rows().tolist(), graph.indices.tolist()))
     assert graph_pairs <= set(entries)
     (folder,) = (tmp_path / "utility_kernel").iterdir()
     measured = list(zip(np.load(folder / "scored_rows.npy").tolist(), np.load(folder / "scored_cols.npy").tolist()))
-    assert len(measured) == details["exact_pairs"] == 10 * (5 + 3) and details["zero_shot_passes"] == 10
+    # Per sampled row: itself, its 4 nearest others, 1 random column, and 3 more random ones.
+    assert len(measured) == details["exact_pairs"] == 10 * (6 + 3) and details["zero_shot_passes"] == 10
     assert set(entries) == graph_pairs | set(measured)
     assert max(abs(entries[p] - exact[p]) for p in measured) <= 1e-6
     assert {"heldout_mse", "heldout_spearman", "n_train", "n_heldout"} <= set(details["proxy"])
@@ -207,14 +213,16 @@ def test_plan_counts_pairs_passes_and_tiles():
     assert (exact.exact_pairs, exact.zero_shot_passes, exact.demonstration_blocks, exact.tiles) == \
         (40000, 200, 800, 4 + 16)
     assert plan_kernel(200, 200, engine="naive").demonstration_blocks == 0
+    # One pool: each row's own pair, its 16 nearest others and 4 random columns.
     knn = plan_kernel(100_000, 100_000, engine="knn", knn_k=16, knn_random=4)
-    assert knn.exact_pairs == 2_000_000 and knn.zero_shot_passes == 100_000
+    assert knn.exact_pairs == 2_100_000 and knn.zero_shot_passes == 100_000
     proxy = plan_kernel(100_000, 100_000, engine="proxy", knn_k=16, proxy={"sample": {"rows": 0.01, "random": 8}})
-    assert (proxy.exact_pairs, proxy.zero_shot_passes, proxy.predicted_pairs) == (24_000, 1000, 1_600_000)
+    assert (proxy.exact_pairs, proxy.zero_shot_passes, proxy.predicted_pairs) == (25_000, 1000, 1_700_000)
     model = plan_kernel(50, 10, engine="knn", knn_k=4, features="model", same_records=False)
     assert model.feature_passes == 60 and model.exact_pairs == 200
     line = describe(knn, {"seconds_per_zero_shot": 0.1, "seconds_per_pair": 0.2, "calibration_pairs": 16})
-    assert "APPROXIMATION" in line and "(5,000.0x fewer pairs" in line and "estimated 4.7 days" in line
+    # 1e10 / 2.1e6 pairs; 0.1 s x 1e5 + 0.2 s x 2.1e6 = 430,000 s.
+    assert "APPROXIMATION" in line and "(4,761.9x fewer pairs" in line and "estimated 5.0 days" in line
 
 
 def test_calibration_times_the_engine(tiny_qwen2, toy_records):
@@ -283,7 +291,7 @@ def test_dry_run_prints_the_plan_and_computes_nothing(tmp_path, monkeypatch):
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan == json.loads(json.dumps(results)) and set(plan["plans"]) == {"kernel", "query_kernel"}
     pool = plan["plans"]["kernel"]
-    assert pool["exact_pairs"] == 4 * pool["n_rows"] and pool["estimated_seconds"] > 0
+    assert pool["exact_pairs"] == (1 + 4) * pool["n_rows"] and pool["estimated_seconds"] > 0  # itself + 4 others
     assert plan["plans"]["query_kernel"]["n_cols"] == 12  # the task stage's MMLU targets for selection
     assert not (tmp_path / "cache" / "utility_kernel").exists()
     assert all("estimated" in line for line in plan["plan_lines"])

@@ -1,5 +1,5 @@
 """The submodular objectives: formulas on hand-made kernels, our greedy against submodlib, guards;
-the FL2MI kernel's orientation and joint vs separate normalisation, through the DELIFT selector too."""
+the FL2MI kernel's orientation and global vs separate normalisation, through the DELIFT selector too."""
 
 from __future__ import annotations
 
@@ -252,15 +252,15 @@ RAW_S, RAW_C = 2 * S + 1, 2 * C + 1
 
 
 @pytest.mark.parametrize("normalize, values, picked", [
-    # joint: bounds (1, 3) over both give back S and C; FLMI caps = C = 0, 0.5, 0.25.
+    # global: bounds (1, 3) over both give back S and C; FLMI caps = C = 0, 0.5, 0.25.
     #   f({0}) = 0 + min(1, 0.5) + 0 = 0.5; f({1}) = 0 + 0.5 + min(0.4, 0.25) = 0.75; f({2}) = 0 + 0 + 0.2.
-    ("joint", [0.5, 0.75, 0.2], 1),
+    ("global", [0.5, 0.75, 0.2], 1),
     # separate: S keeps (1, 3) -> S, C its own (1, 2) -> 2C, caps 0, 1, 0.5.
     #   f({0}) = 0 + 1 + 0 = 1.0; f({1}) = 0 + 0.5 + 0.4 = 0.9; f({2}) = 0 + 0 + 0.2.
     ("separate", [1.0, 0.9, 0.2], 0),
 ])
 @pytest.mark.parametrize("backend", ["ours", "submodlib"])
-def test_joint_and_separate_normalisation_pick_differently(normalize, values, picked, backend):
+def test_global_and_separate_normalisation_pick_differently(normalize, values, picked, backend):
     for j, expected in enumerate(values):
         assert objective_value(RAW_S, [j], "flmi", query_kernel=RAW_C, normalize=normalize) == pytest.approx(expected)
     result = maximize(RAW_S, 1, "flmi", query_kernel=RAW_C, normalize=normalize, backend=backend, progress=False)
@@ -270,15 +270,15 @@ def test_joint_and_separate_normalisation_pick_differently(normalize, values, pi
                   backend=backend, progress=False) == [picked]
 
 
-def test_joint_is_the_default_and_the_selector_passes_normalize_through():
+def test_global_is_the_default_and_the_selector_passes_normalize_through():
     assert select(RAW_S, 1, "flmi", query_kernel=RAW_C, progress=False) == [1]
     assert select(RAW_S, 1, "flmi", query_kernel=RAW_C, normalize=True, progress=False) == [1]
     table = {f"p{i}": {f"p{j}": RAW_S[i, j] for j in range(3)} | {"t0": RAW_C[i, 0]} for i in range(3)}
     ctx = SelectionContext(stage="task", pool=records("p0", "p1", "p2"), target=records("t0"), progress=False)
     picks = {normalize: TableSelector(table, fraction=0.3, normalize=normalize).select(ctx)  # budget round(0.9) = 1
-             for normalize in ("joint", "separate")}
-    assert picks["joint"].info["objective"] == "flmi"  # the task stage's objective
-    assert picks["joint"].indices == [1] and picks["separate"].indices == [0]
+             for normalize in ("global", "separate")}
+    assert picks["global"].info["objective"] == "flmi"  # the task stage's objective
+    assert picks["global"].indices == [1] and picks["separate"].indices == [0]
     assert picks["separate"].objective_value == pytest.approx(1.0, rel=1e-6)
     with pytest.raises(DeliftInputError, match="selector.normalize"):
         TableSelector(table, normalize="per_kernel")
@@ -294,17 +294,19 @@ class SparseTableSelector(TableSelector):
     def pairwise(self, ctx, rows, cols, details):
         return sp.csr_matrix(super().pairwise(ctx, rows, cols, details))
 
-    def similarities(self, kernels):
-        from delift.utility.kernel import approximate_similarities
+    def reading(self, ctx, objective, kernels):
+        from delift.utility.kernel import similarity_floor
 
-        return approximate_similarities(kernels, self.missing)
+        return super().reading(ctx, objective, kernels) | {"floor": similarity_floor(kernels, self.missing)}
 
 
-def test_separate_on_approximate_kernels_needs_missing_bottom():
+def test_separate_on_approximate_kernels_reads_each_from_zero_with_missing_neutral():
     table = {f"p{i}": {f"p{j}": RAW_S[i, j] for j in range(3)} | {"t0": RAW_C[i, 0]} for i in range(3)}
     ctx = SelectionContext(stage="task", pool=records("p0", "p1", "p2"), target=records("t0"), progress=False)
     # missing=bottom leaves the min-max to the objectives: every entry is stored, so the dense picks.
-    assert SparseTableSelector(table, "bottom", fraction=0.3, normalize="separate").select(ctx).indices == [0]
-    # missing=neutral has already scaled both kernels by their joint maximum: separate cannot apply.
-    with pytest.raises(DeliftInputError, match="selector.normalize.*missing=bottom"):
-        SparseTableSelector(table, "neutral", fraction=0.3, normalize="separate").select(ctx)
+    bottom = SparseTableSelector(table, "bottom", fraction=0.3, normalize="separate").select(ctx)
+    assert bottom.indices == [0] and bottom.objective_value == pytest.approx(1.0, rel=1e-6)
+    # missing=neutral maps UF 0 to 0 and each kernel's own maximum to 1: RAW_S / 3 and RAW_C / 2 = caps
+    # 0.5, 1, 0.75; f({0}) = min(1, .5) + min(1, 1) + min(1/3, .75) = 11/6 (f({1}) = 1.6, f({2}) = 17/15).
+    neutral = SparseTableSelector(table, "neutral", fraction=0.3, normalize="separate").select(ctx)
+    assert neutral.indices == [0] and neutral.objective_value == pytest.approx(11 / 6, rel=1e-6)

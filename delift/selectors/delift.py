@@ -17,7 +17,8 @@ import scipy.sparse as sp
 
 from delift.embeddings import cosine_kernel01
 from delift.errors import DeliftInputError
-from delift.objectives import NORMALIZATIONS, Backend, Missing, Normalization, Objective, maximize
+from delift.objectives import (NORMALIZATIONS, SELF_UTILITIES, Backend, Missing, Normalization, Objective, SelfUtility,
+                               maximize)
 from delift.records import record_text
 from delift.selectors.base import Fraction, Selection, SelectionContext, Selector, register
 
@@ -37,12 +38,16 @@ class KernelObjectiveSelector(Selector):
     """Greedy maximisation of a submodular objective over kernels that subclasses define."""
 
     def __init__(self, fraction: Fraction = 0.3, objective: Objective | None = None, eta: float = 1.0, nu: float = 1.0,
-                 backend: Backend = "ours", normalize: Normalization = "joint"):
+                 backend: Backend = "ours", self_utility: SelfUtility = "include", normalize: Normalization = "global"):
         super().__init__(fraction)
         if normalize not in NORMALIZATIONS:
             raise DeliftInputError(f"must be one of {list(NORMALIZATIONS)}, got {normalize!r}",
                                    field="selector.normalize")
-        self.objective, self.eta, self.nu, self.backend, self.normalize = objective, eta, nu, backend, normalize
+        if self_utility not in SELF_UTILITIES:
+            raise DeliftInputError(f"must be one of {list(SELF_UTILITIES)}, got {self_utility!r}",
+                                   field="selector.self_utility")
+        self.objective, self.eta, self.nu, self.backend = objective, eta, nu, backend
+        self.self_utility, self.normalize = self_utility, normalize
 
     def pairwise(self, ctx: SelectionContext, rows: list[dict], cols: list[dict] | None,
                  details: dict) -> np.ndarray | sp.csr_matrix:
@@ -88,18 +93,14 @@ class KernelObjectiveSelector(Selector):
         objective = self.resolve_objective(ctx)
         kernels, timings, details = self.kernels(ctx, objective)
         raw = {name: kernel for name, kernel in kernels.items() if kernel is not None}
-        kernels, normalize = self.similarities(kernels)
-        if not normalize and self.normalize == "separate":
-            raise DeliftInputError("separate min-max needs kernels that the objectives normalise, but these "
-                                   "approximate (sparse) kernels were already scaled jointly by their maximum "
-                                   "(selector.missing=neutral); use selector.missing=bottom or "
-                                   "selector.normalize=joint", field="selector.normalize")
+        side = {name: kernel for name, kernel in raw.items() if name != "kernel"}
         started = time.perf_counter()
-        result = maximize(kernels.pop("kernel"), self.budget(len(ctx.pool)), objective, eta=self.eta, nu=self.nu,
-                          backend=self.backend, progress=ctx.progress,
-                          normalize=self.normalize if normalize else False, **kernels)
+        result = maximize(raw.get("kernel"), self.budget(len(ctx.pool)), objective, **side,
+                          **self.reading(ctx, objective, raw), eta=self.eta, nu=self.nu, backend=self.backend,
+                          progress=ctx.progress)
         timings["greedy"] = round(time.perf_counter() - started, 2)
-        info = {"objective": objective, "backend": self.backend, "timings": timings}
+        info = {"objective": objective, "backend": self.backend, "self_utility": self.self_utility,
+                "normalize": self.normalize, "timings": timings}
         if details:
             info["kernel"] = self.kernel_label(ctx)
             info["kernel_report"] = details  # passes and the proxy's held-out error: results.json, not selection.json
@@ -110,9 +111,12 @@ class KernelObjectiveSelector(Selector):
         """Which kernel the selection used: for selection.json (no timings, nothing run-dependent)."""
         return {}
 
-    def similarities(self, kernels: dict) -> tuple[dict, bool]:
-        """The kernels as the objective reads them, and whether it min-max normalises them."""
-        return kernels, True
+    def reading(self, ctx: SelectionContext, objective: str, kernels: dict) -> dict:
+        """How the objective reads the kernels: `delift.objectives.maximize`'s normalize, self_utility,
+        groups (the covered rows' sources, for normalize=source) and floor keywords."""
+        covered = ctx.target if objective in SIDE_ROWS else ctx.pool
+        return {"normalize": self.normalize, "self_utility": self.self_utility,
+                "groups": [r["source"] for r in covered], "floor": "min"}
 
 
 @register("delift")
@@ -120,14 +124,15 @@ class DeliftSelector(KernelObjectiveSelector):
     """DELIFT: the in-context utility kernel of the model being fine-tuned."""
 
     def __init__(self, fraction: Fraction = 0.3, objective: Objective | None = None, eta: float = 1.0, nu: float = 1.0,
-                 backend: Backend = "ours", missing: Missing = "neutral", normalize: Normalization = "joint"):
-        super().__init__(fraction, objective, eta, nu, backend, normalize)
+                 backend: Backend = "ours", self_utility: SelfUtility = "exclude", normalize: Normalization = "global",
+                 missing: Missing = "neutral"):
+        super().__init__(fraction, objective, eta, nu, backend, self_utility, normalize)
         self.missing = missing
 
-    def similarities(self, kernels):
-        from delift.utility.kernel import approximate_similarities
+    def reading(self, ctx, objective, kernels):
+        from delift.utility.kernel import similarity_floor
 
-        return approximate_similarities(kernels, self.missing)
+        return super().reading(ctx, objective, kernels) | {"floor": similarity_floor(kernels, self.missing)}
 
     def pairwise(self, ctx, rows, cols, details):
         from delift.utility import compute_kernel

@@ -2,7 +2,9 @@
 
 Each row gets its `k` nearest columns by cosine of record vectors, plus `random` seeded random
 other columns, so that the graph is not only local. Rows and columns may be different record sets
-(pool x target, pool x existing). Record vectors are either the sentence embedder's (default) or
+(pool x target, pool x existing). Where they are one pool (`self_pairs`), every row's nearest
+column would be itself: the row's own pair (its self-utility, which the objectives include or
+exclude at selection time) is always in the graph, and the `k` nearest are k *other* columns. Record vectors are either the sentence embedder's (default) or
 the LLM's own mean-pooled last-layer hidden states (`features="model"`, one pass per record).
 
 Nearest neighbours come from faiss: an exact inner-product search (`IndexFlatIP`) up to
@@ -92,13 +94,25 @@ def nearest_columns(row_vectors: np.ndarray, col_vectors: np.ndarray, k: int, *,
 
 
 def candidate_graph(row_vectors: np.ndarray, col_vectors: np.ndarray, k: int, *, random: int = 0, seed: int = 0,
-                    flat_max: int = 20000, nlist: int | None = None, nprobe: int = 32) -> CandidateGraph:
+                    flat_max: int = 20000, nlist: int | None = None, nprobe: int = 32,
+                    self_pairs: bool = False) -> CandidateGraph:
     """Each row's k nearest columns plus `random` seeded random columns (distinct from those; fewer
-    only where the columns run out). Seeded: the same vectors and seed give the same graph."""
+    only where the columns run out). With `self_pairs` (rows and columns are the same records), row i
+    holds (i, i) and its k nearest columns other than i. Seeded: the same vectors and seed give the
+    same graph."""
     if isinstance(random, bool) or not isinstance(random, (int, np.integer)) or random < 0:
         raise DeliftInputError(f"must be an integer >= 0, got {random!r}", field="kernel.knn_random")
     n_rows, n_cols = len(row_vectors), len(col_vectors)
-    nearest = nearest_columns(row_vectors, col_vectors, k, flat_max=flat_max, nlist=nlist, nprobe=nprobe, seed=seed)
+    k = _positive_int(k, "kernel.knn_k")
+    if self_pairs:
+        if n_rows != n_cols:
+            raise DeliftInputError(f"self pairs need as many rows as columns, got {n_rows} x {n_cols}",
+                                   field="kernel.records")
+        nearest = _others_then_self(nearest_columns(row_vectors, col_vectors, k + 1, flat_max=flat_max, nlist=nlist,
+                                                    nprobe=nprobe, seed=seed), k)
+    else:
+        nearest = nearest_columns(row_vectors, col_vectors, k, flat_max=flat_max, nlist=nlist, nprobe=nprobe,
+                                  seed=seed)
     if not random and (nearest >= 0).all():  # the common case, vectorised
         indices = np.sort(nearest, axis=1).reshape(-1)
         return CandidateGraph(indptr=np.arange(n_rows + 1, dtype=np.int64) * nearest.shape[1], indices=indices,
@@ -115,6 +129,16 @@ def candidate_graph(row_vectors: np.ndarray, col_vectors: np.ndarray, k: int, *,
     indptr[1:] = np.cumsum([len(c) for c in per_row])
     indices = np.concatenate(per_row).astype(np.int64) if per_row else np.zeros(0, dtype=np.int64)
     return CandidateGraph(indptr=indptr, indices=indices, n_cols=n_cols)
+
+
+def _others_then_self(nearest: np.ndarray, k: int) -> np.ndarray:
+    """Row i's first k neighbours other than i (from a search of k + 1), and i itself as one more column;
+    -1 where fewer were found (IVF)."""
+    rows = np.arange(len(nearest))[:, None]
+    others = np.where(nearest == rows, -1, nearest)
+    # Stable: the neighbours keep their order, the removed self (now -1) moves to the end.
+    others = np.take_along_axis(others, np.argsort(others < 0, axis=1, kind="stable"), axis=1)[:, :k]
+    return np.concatenate([others, rows], axis=1)
 
 
 def random_columns(rng: np.random.Generator, n_cols: int, exclude: np.ndarray, count: int) -> np.ndarray:

@@ -86,7 +86,8 @@ def compute_kernel(model, tokenizer, rows: Sequence[Mapping], cols: Sequence[Map
     folder, parts = None, None
     if approximate:
         ann = ANN_DEFAULTS | dict(ann or {})
-        approximation = {"kind": engine, "knn_k": knn_k, "knn_random": knn_random,
+        # "neighbours": one pool's graph is its own pairs + k nearest others (self-utility is a selection choice)
+        approximation = {"kind": engine, "knn_k": knn_k, "knn_random": knn_random, "neighbours": "self+others",
                          "seed": seed if seed_matters(engine, knn_random, len(cols), ann) else None,
                          "vectors": features_identity(features, embedder), "ann": ann, "proxy": proxy}
     else:
@@ -201,32 +202,18 @@ def normalize_kernel(kernel: np.ndarray | sp.csr_matrix) -> np.ndarray | sp.csr_
 MISSING = get_args(Missing)
 
 
-def approximate_similarities(kernels: dict, missing: str = "neutral") -> tuple[dict, bool]:
-    """How the objectives read UF kernels of which some are sparse (approximate engines): returns
-    (kernels, normalize) for `delift.objectives.maximize`.
+def similarity_floor(kernels: dict, missing: str = "neutral") -> str:
+    """What the objectives' min-max maps to 0 (`delift.objectives.maximize`'s `floor`) for UF kernels of
+    which some may be sparse (approximate engines):
 
-    - "neutral" (default): max(UF, 0) / the joint maximum, used as they are (normalize=False), so a
-      pair that was not measured counts as UF = 0, a demonstration that neither helps nor hurts,
-      and harmful pairs count the same. On dense kernels this gives the min-max's selections (a
-      constant offset does not change facility-location choices).
-    - "bottom": the objectives' min-max over stored entries: a missing pair ranks with the least
-      helpful measured one.
-    Dense-only input (the exact engines) is returned as it is, for the objectives' min-max.
+    - "neutral" (default) with a sparse kernel: "zero", i.e. max(UF, 0) / the range's maximum, so a
+      pair that was not measured counts as UF = 0, a demonstration that neither helps nor hurts, and
+      harmful pairs count the same;
+    - "bottom": "min", the min-max over stored entries: a missing pair ranks with the least helpful
+      measured one.
+    Dense-only input (the exact engines) keeps the min-max ("min") either way.
     """
     if missing not in MISSING:
         raise DeliftInputError(f"unknown value {missing!r}; choose one of {list(MISSING)}", field="selector.missing")
-    given = {name: k for name, k in kernels.items() if k is not None}
-    if missing == "bottom" or not any(sp.issparse(k) for k in given.values()):
-        return kernels, True
-    top = max((float(k.data.max()) if sp.issparse(k) and k.nnz else float(np.max(k)) if not sp.issparse(k) else 0.0)
-              for k in given.values())
-    scale = 1.0 / top if top > 0 else 0.0
-    out = dict(kernels)
-    for name, k in given.items():
-        if sp.issparse(k):
-            k = sp.csr_matrix(k, dtype=np.float32, copy=True)
-            k.data = (np.maximum(k.data, 0) * scale).astype(np.float32)
-            out[name] = k
-        else:
-            out[name] = (np.maximum(np.asarray(k, dtype=np.float32), 0) * scale).astype(np.float32)
-    return out, False
+    sparse = any(sp.issparse(k) for k in kernels.values() if k is not None)
+    return "zero" if missing == "neutral" and sparse else "min"

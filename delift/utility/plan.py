@@ -60,7 +60,8 @@ def plan_kernel(n_rows: int, n_cols: int, *, engine: str, tile_size: int = 64, k
         blocks = 0 if engine == "naive" else n_cols * row_tiles
         return KernelPlan(engine, n_rows, n_cols, n_rows * n_cols, n_rows, blocks, 0,
                           row_tiles + row_tiles * col_tiles, 0)
-    per_row = min(knn_k + knn_random, n_cols)
+    # One pool's graph holds each row's own pair (the self-utility) beside its k nearest others.
+    per_row = min(knn_k + knn_random + (1 if same_records else 0), n_cols)
     feature_passes = 0 if features != "model" else n_rows + (0 if same_records else n_cols)
     if engine == "knn":
         pairs = n_rows * per_row

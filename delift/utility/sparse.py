@@ -1,13 +1,13 @@
 """APPROXIMATE engines: sparse utility kernels on a candidate graph (nothing n_rows x n_cols is allocated).
 
 - knn: the exact utility of every candidate pair (each row's k nearest columns + `knn_random`
-  random ones); every other pair is missing.
+  random ones; for one pool, the row's own pair + its k nearest others); every other pair is missing.
 - proxy: the exact utility of a seeded sample (the candidate pairs of `sample.rows` rows, plus
   `sample.random` random columns each); a small network trained on them (delift.utility.proxy)
   predicts every candidate pair; measured pairs keep their exact value.
 
 The result is a scipy CSR matrix (float32 UF). How a missing entry counts is the reader's choice
-(delift.utility.kernel.approximate_similarities): the selectors' default `missing="neutral"` reads
+(delift.utility.kernel.similarity_floor): the selectors' default `missing="neutral"` reads
 it as UF = 0; `missing="bottom"` (and the objectives given a raw sparse kernel) min-max the stored
 entries, so it is similarity 0, the bottom of the scale (submodlib's sparse convention).
 
@@ -68,9 +68,10 @@ def _cached(folder, names: tuple[str, ...], compute) -> tuple[np.ndarray, ...]:
         return arrays
 
 
-def _graph(folder, row_vectors, col_vectors, *, knn_k, knn_random, seed, ann) -> CandidateGraph:
+def _graph(folder, row_vectors, col_vectors, *, knn_k, knn_random, seed, ann, self_pairs) -> CandidateGraph:
     def build():
-        graph = candidate_graph(row_vectors, col_vectors, knn_k, random=knn_random, seed=seed, **ann)
+        graph = candidate_graph(row_vectors, col_vectors, knn_k, random=knn_random, seed=seed, self_pairs=self_pairs,
+                                **ann)
         return graph.indptr, graph.indices
 
     indptr, indices = _cached(folder, ("graph_indptr.npy", "graph_indices.npy"), build)
@@ -139,7 +140,7 @@ def compute_sparse_kernel(model, tokenizer, rows, cols, *, engine: str, template
     row_vectors = record_vectors(rows, features, **vector_options)
     col_vectors = row_vectors if cols is rows else record_vectors(cols, features, **vector_options)
     graph = _graph(folder, row_vectors, col_vectors, knn_k=knn_k, knn_random=knn_random, seed=seed,
-                   ann=ANN_DEFAULTS | dict(ann or {}))
+                   ann=ANN_DEFAULTS | dict(ann or {}), self_pairs=cols is rows)
     graph_rows = graph.pair_rows()
     if engine == "knn":
         pair_rows, pair_cols = graph_rows, graph.indices
