@@ -240,3 +240,23 @@ def score_token_ids(tokenizer) -> list[int]:
     if len(set(ids)) != len(ids):
         raise DeliftInputError(f"score tokens map to repeated ids {ids}", field="model.tokenizer")
     return ids
+
+
+def response_token_lengths(tokenizer, records: list[dict]) -> np.ndarray:
+    """Each record's response (`output`) length in tokens, without special tokens (int64)."""
+    encoded = tokenizer([r["output"] for r in records], add_special_tokens=False)["input_ids"] if records else []
+    return np.array([len(ids) for ids in encoded], dtype=np.int64)
+
+
+# Here, beside right_pad, rather than in a selector: a model-forward helper that selectors and
+# delift.utility (which must not import selectors) can both reuse.
+def weighted_mean_pooled_states(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) hidden states -> (B, H) float32: the mean over each sequence's tokens weighted by
+    position, the t-th real token (1-based) weighing t / sum(1..L) (SGPT's weighting, used by RDS+).
+
+    Positions count real tokens only, so padding on either side gets weight 0 and shifts nothing.
+    """
+    mask = attention_mask.to(device=hidden.device, dtype=torch.float32)
+    positions = mask.cumsum(dim=1) * mask
+    weights = positions / positions.sum(dim=1, keepdim=True).clamp_min(1.0)
+    return (hidden.float() * weights[..., None]).sum(dim=1)

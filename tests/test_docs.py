@@ -25,9 +25,9 @@ from delift.selectors import SELECTORS, SelectionContext
 from tests.helpers import ROOT, compose_config
 
 PAGE = ROOT / "docs" / "adding_a_selector.md"
-MODULE_PATH = "delift/selectors/longest.py"
-YAML_PATH = "delift/conf/selector/longest.yaml"
-TEST_PATH = "tests/test_longest.py"
+MODULE_PATH = "delift/selectors/longest_words.py"
+YAML_PATH = "delift/conf/selector/longest_words.yaml"
+TEST_PATH = "tests/test_longest_words.py"
 
 # "`path`:", a blank line, then a fenced block.
 FILE_BLOCK = re.compile(r"^`(?P<path>[^`\n]+)`:\n\n```(?P<lang>\w+)\n(?P<code>.*?)^```", re.M | re.S)
@@ -93,17 +93,17 @@ def test_selects_what_the_page_says(example, tmp_path):
         assert direct.select(ctx).indices == expected, call
         keywords = {k.arg: ast.literal_eval(k.value) for k in ast.parse(call, mode="eval").body.keywords}
         overrides = [f"selector.{key}={value}" for key, value in keywords.items()]
-        cfg = compose_config([example.search_path, "selector=longest", *overrides], output_dir=tmp_path)
+        cfg = compose_config([example.search_path, "selector=longest_words", *overrides], output_dir=tmp_path)
         built = instantiate(cfg.selector)
         assert type(built) is type(direct) and built.config() == direct.config(), call
         assert built.select(ctx).indices == expected, call
 
 
 def test_yaml_defaults_match_the_class(example, tmp_path):
-    cfg = compose_config([example.search_path, "selector=longest"], output_dir=tmp_path)
+    cfg = compose_config([example.search_path, "selector=longest_words"], output_dir=tmp_path)
     built = instantiate(cfg.selector)
     defaults = {k: p.default for k, p in inspect.signature(type(built)).parameters.items()}
-    assert built.name == "longest" and SELECTORS["longest"] is type(built)
+    assert built.name == "longest_words" and SELECTORS["longest_words"] is type(built)
     assert {k: v for k, v in built.config().items() if k != "name"} == defaults
 
 

@@ -2,6 +2,6 @@
 
 from delift.selectors.base import SELECTORS, Selection, SelectionContext, Selector, budget_for, register
 # Each module registers its selectors on import.
-from delift.selectors import deft_ucs, delift, less, selectit, simple  # noqa: F401
+from delift.selectors import baselines, deft_ucs, delift, less, rds, selectit, simple  # noqa: F401
 
 __all__ = ["SELECTORS", "Selection", "SelectionContext", "Selector", "budget_for", "register"]
