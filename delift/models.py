@@ -68,6 +68,11 @@ class HubModel:
         return {"kind": "hub", "name": self.name, "revision": self.revision, "dtype": self.dtype,
                 "load_in_4bit": self.quantized()}
 
+    def load_tokenizer(self):
+        """The tokenizer alone (no weights read)."""
+        return _finish_tokenizer(AutoTokenizer.from_pretrained(self.name, revision=self.revision,
+                                                               trust_remote_code=self.trust_remote_code))
+
     def load(self, device=None) -> LoadedModel:
         """Tokenizer and model, the model loaded straight onto `device` (see delift.devices)."""
         device = resolve_device(device)
@@ -173,6 +178,9 @@ class TinyRandomModel:
     def identity(self) -> dict:
         return {"kind": "tiny", "name": self.name, "arch": self.arch, "seed": self.seed, "dtype": self.dtype,
                 "config": dict(self.config), "tokenizer": self.tokenizer_source.identity()}
+
+    def load_tokenizer(self):
+        return self.tokenizer_source.load_tokenizer()
 
     def load(self, device=None) -> LoadedModel:
         from transformers import Phi3Config, Qwen2Config, LlamaConfig

@@ -23,6 +23,7 @@ from delift.errors import DeliftInputError
 from delift.evaluation import evaluate
 from delift.export import export_subset
 from delift.icl import nearest_demonstrations
+from delift.selection_report import log_lines, selection_report, source_table
 from delift.selectors import SelectionContext
 from delift.tracking import Tracker, start_tracker
 from delift.training import finetune
@@ -69,6 +70,30 @@ def write_selection(output_dir: Path, selection, selector, stage, budget: int | 
         "info": {k: v for k, v in selection.info.items() if k not in RUN_DEPENDENT_INFO},
     })
     save_jsonl(output_dir / "subset.jsonl", [stage.pool[i] for i in selection.indices])
+
+
+def report_selection(selection, selector, ctx: SelectionContext, tokenizer) -> dict:
+    """The selection report (delift.selection_report); a kernel selector's objective read as it read it."""
+    if not selection.kernels:
+        return selection_report(ctx.pool, selection.indices, tokenizer)
+    objective = selection.info["objective"]
+    reading = selector.reading(ctx, objective, selection.kernels)
+    reading.pop("self_utility")  # the self-coverage share reads every record's own entry, whatever the choice
+    return selection_report(ctx.pool, selection.indices, tokenizer, kernels=selection.kernels, objective=objective,
+                            eta=selector.eta, nu=selector.nu, **reading)
+
+
+def report_tokenizer(ctx: SelectionContext, job_loads_model: bool):
+    """The tokenizer the report counts response tokens with: the model's where the job loads it
+    anyway (or a selector already has), else the model spec's tokenizer alone (no weights read); None
+    (no lengths) where that load fails."""
+    if job_loads_model or "model" in vars(ctx):  # `model` is a cached_property: in vars once loaded
+        return ctx.model.tokenizer
+    try:
+        return ctx.model_spec.load_tokenizer()
+    except (OSError, ImportError, DeliftInputError) as err:  # the report is no reason to fail a selection
+        log.warning("Selection report without response lengths: cannot load the tokenizer (%s)", err)
+        return None
 
 
 def compute_kernels(selector, ctx: SelectionContext, output_dir: Path, timings: dict, tracker: Tracker,
@@ -222,13 +247,22 @@ def _run_job(cfg: DictConfig, output_dir: Path, writes: bool, tracker: Tracker) 
             export_subset(output_dir, [stage.pool[i] for i in selection.indices], selection.indices,
                           **_container(cfg.export))
         tracker.log_selection(selection, stage, selector)
+        # Before the kernels go: DELIFT's report reads them.
+        report = report_selection(selection, selector, ctx, report_tokenizer(ctx, cfg.task == "run"))
+        tracker.log_selection_report(report)
     selection.kernels.clear()  # plotted and logged; fine-tuning has better use for the memory
     log.info("Selected %d of %d with %s", len(selection.indices), len(stage.pool), selector.name)
+    if writes:
+        for level, line in log_lines(report):
+            log.log(level, line)
     results = {"stage": stage.name, "selector": selector.name, "model": ctx.model_spec.name,
                "n_pool": len(stage.pool), "n_selected": len(selection.indices), "seed": cfg.seed,
-               "fraction": selector.fraction, "experiment": cfg.get("experiment_name")}
+               "fraction": selector.fraction, "experiment": cfg.get("experiment_name"),
+               "selector_config": selector.config()}
     if kernel_report:
         results["kernel"] = kernel_report
+    if writes:
+        results["selection_report"] = report
     if cfg.task == "select":
         results["timings"] = timings
         if writes:
@@ -326,6 +360,7 @@ def results_table(results: dict) -> str:
                 lines.append(f"{name:<15} shard {d['shard']}/{d['num_shards']}: {d['shard_tiles']} of {d['tiles']} "
                              f"tiles ({d['computed']} computed)")
         return "\n".join(lines)
+    sources = source_table(results["selection_report"]) if "selection_report" in results else []
     by_mode = results.get("metrics_by_mode") or {"-": results.get("metrics", {})}
     keys = list(dict.fromkeys(k for metrics in by_mode.values() for k in metrics))
     lines = [f"{'stage':<12} {'selector':<10} {'selected':>10} {'mode':<9}" + "".join(f"{k:>20}" for k in keys)]
@@ -334,4 +369,4 @@ def results_table(results: dict) -> str:
                         for k in keys)
         lines.append(f"{results['stage']:<12} {results['selector']:<10} "
                      f"{results['n_selected']:>4}/{results['n_pool']:<5} {mode:<9}{cells}")
-    return "\n".join(lines)
+    return "\n".join(lines + sources)

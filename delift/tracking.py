@@ -77,6 +77,21 @@ def kernel_metrics(kernel_report: dict) -> dict:
     return out
 
 
+def selection_report_metrics(report: dict) -> dict:
+    """A selection report's numbers as flat logger metrics: per source its subset share and ratio to
+    the pool share, the response lengths' median and mean, the warnings' count and DELIFT's figures."""
+    out = {"selection/under_represented_sources": len(report["warnings"])}
+    for name, row in report["sources"].items():
+        out |= {f"selection/source/{name}/subset_share": row["subset_share"],
+                f"selection/source/{name}/ratio": row["ratio"]}
+    for part, values in (report.get("response_tokens") or {}).items():
+        if values:
+            out |= {f"selection/response_tokens/{part}_{stat}": values[stat] for stat in ("p50", "mean")}
+    for key in ("self_coverage_share", "diagonal_top_overlap"):
+        out[f"selection/{key}"] = report.get(key)
+    return {key: value for key, value in out.items() if value is not None}  # e.g. shares of an empty subset
+
+
 def _artifact_name(kind: str, run_name: str) -> str:
     # W&B artifact names: letters, digits, dashes, underscores and dots, at most 128 characters.
     return re.sub(r"[^\w.-]+", "_", f"{kind}-{run_name}")[:128]
@@ -132,6 +147,28 @@ class Tracker:
                 artifact.add_file(str(self.output_dir / file), policy="immutable")  # final: no staging copy
             self.wandb_run.log_artifact(artifact)
         self.log_kernels(selection.kernels, report, title_prefix=selector.name, stage=stage.name)
+
+    def log_selection_report(self, report: dict) -> None:
+        """The selection report (delift.selection_report) as flat metrics and, where the logger has
+        tables (W&B), its per-source rows, response-length quantiles and answer letters as tables."""
+        if not self.logger:
+            return
+        self.logger.log_metrics(selection_report_metrics(report))
+        if not hasattr(self.logger, "log_table"):
+            return
+        columns = ["source", "pool", "pool_share", "subset", "subset_share", "ratio"]
+        rows = [[name, *(row[column] for column in columns[1:])] for name, row in report["sources"].items()]
+        self.logger.log_table("selection/sources", columns=columns, data=rows)
+        tokens = report.get("response_tokens")
+        if tokens:
+            stats = list(tokens["pool"])
+            rows = [[part, *(values[stat] for stat in stats)] for part, values in tokens.items() if values]
+            self.logger.log_table("selection/response_tokens", columns=["records", *stats], data=rows)
+        letters = report.get("answer_letters")
+        if letters:
+            self.logger.log_table("selection/answer_letters", columns=["letter", "pool", "subset"],
+                                  data=[[letter, count, letters["subset"][letter]]
+                                        for letter, count in letters["pool"].items()])
 
     def log_kernels(self, kernels: dict, report: dict, *, title_prefix: str, stage: str) -> None:
         """Each kernel's plot (<name>.png); with W&B the plots as images and a kernel artifact: the
