@@ -5,15 +5,27 @@
 
 Every `results.json` under the given folders (searched recursively, so Hydra run and multirun
 folders both work) is one run; runs without metrics (`task=select`, `task=kernel`) are skipped.
-Runs are grouped by (selector, fraction); each cell is the mean ± sample standard deviation
+Runs are grouped by (method, fraction); each cell is the mean ± sample standard deviation
 (ddof=1) over the seeds of that group. A cell measured on a single seed shows the mean alone (no
 ±), and the caption names the rows with one seed. Missing cells are `–`, never 0.
 
+A method is a selector with its settings: where a selector's runs in the given folders differ in
+their `selector_config` (the selector's constructor settings; `fraction` and `name` aside), each
+configuration is its own method and row, named by the settings that differ, e.g. "DELIFT
+(self-utility exclude, normalize row)" (key `delift[self_utility=exclude,normalize=row]`). A
+selector whose runs share one configuration, or that predate `selector_config`, is one row named
+as the paper does. Initial, Random and Full Data, which the comparisons refer to, must each have one
+configuration. Two runs of one method, fraction, seed, model and stage are an error.
+
 The main table holds one fraction: `--fraction`, or else the most common one among the subset
-selectors' runs (Full Data is always 100 %, Initial always 0 %). Rows follow the paper's order,
-then any other selector by name. Columns: ICL and fine-tuned x ROUGE / BGE / LAJ, plus accuracy,
-option log-likelihood accuracy and reference loss (lower is better) for a mode where any run of
-the table has them; a mode no run measured, and LAJ where no run was judged, are left out. A
+selectors' runs (Full Data is always 100 %, Initial always 0 %). Rows follow the paper's order
+(Initial, Random, Random (balanced), Longest, RDS+, SelectIT, LESS, DEFT-UCS, DELIFT (SE), DELIFT,
+Full Data), then any other selector by name; the variants of one selector stay together, by name.
+Columns: ICL and fine-tuned x ROUGE / embedding similarity / LAJ, plus accuracy, option
+log-likelihood accuracy and reference loss (lower is better) for a mode where any run of the table
+has them; a mode no run measured, and LAJ where no run was judged, are left out. The embedding
+similarity column is named by the embedder the runs used (results.json `embedder`): "BGE", the
+paper's, only for a BGE model, else e.g. "Emb. sim. (MiniLM)"; the caption names the model. A
 results.json with only `metrics` (no `metrics_by_mode`) counts as the fine-tuned mode (its `mode`
 field, if any, says otherwise): that is what the pipeline evaluates after the selector's training
 step (none for Initial).
@@ -28,11 +40,19 @@ point's mean over (seed, example); without per-example scores, ± the std over s
 runs hold several fractions, one more table pairs each method with Random at every fraction, and
 the curve's lower panel shows those differences for its metric.
 
+Per evaluation source, where predictions.jsonl hold examples of two or more sources (a row's
+`source`, else its id up to the first "/"): a table of method x source, each cell the mean ± std
+over seeds of a run's mean over that source's examples, and a table of each method's paired
+difference from Random on that source's examples, with the same bootstrap and marks; the caption
+names how many evaluation examples each source has per run.
+
 Outputs with `--out PATH`: PATH.md (Markdown tables and captions), PATH.tex (booktabs tables),
-PATH.json (the aggregated numbers, in table units) and, where a selector was run at several
-fractions, PATH_budget.png (metric against subset size). The Markdown is printed either way. The
-written files end with the commands that made them: each source multirun's `run.py -m` command
-(from Hydra's multirun.yaml in its sweep folder) and this script's own.
+PATH.json (the aggregated numbers, in table units: `rows`, `paired`, `paired_by_fraction`,
+`by_source`, `budget_curves`, each row with its `method`, `selector`, `settings` and `name`) and,
+where a method was run at several fractions, PATH_budget.png (metric against subset size). The
+Markdown is printed either way. The written files end with the commands that made them: each
+source multirun's `run.py -m` command (from Hydra's multirun.yaml in its sweep folder) and this
+script's own.
 """
 
 from __future__ import annotations
@@ -56,6 +76,9 @@ from delift.errors import DeliftInputError
 PAPER_ROWS = {
     "initial": "Initial",
     "random": "Random",
+    "random_balanced": "Random (balanced)",
+    "longest": "Longest",
+    "rds": "RDS+",
     "selectit": "SelectIT",
     "less": "LESS",
     "deft_ucs": "DEFT-UCS",
@@ -65,10 +88,18 @@ PAPER_ROWS = {
 }
 # Selectors whose subset size is fixed whatever their config says.
 FIXED_FRACTIONS = {"initial": 0.0, "full": 1.0}
+# Rows the comparisons and the budget curve's reference lines refer to: one configuration each.
+REFERENCE_SELECTORS = ("initial", "random", "full")
+# selector_config entries that never make a variant: the fraction has its own tables, the name is the selector's.
+NOT_SETTINGS = ("fraction", "name")
+NOT_RECORDED = "not recorded"
 MODES = {"icl": "ICL", "finetune": "Fine-tuned"}
-# results.json metric key -> (column label, factor to table units): ROUGE and BGE in percent as in the paper.
-METRICS = {"rouge1": ("ROUGE", 100.0), "embed_sim": ("BGE", 100.0), "laj": ("LAJ", 1.0), "accuracy": ("Acc.", 100.0),
-           "ll_accuracy": ("LL Acc.", 100.0), "ref_loss": ("Loss", 1.0)}
+# results.json metric key -> (column label, factor to table units): ROUGE and embedding similarity in percent as in
+# the paper. The embedding similarity's label names the embedder the runs used (embedder_label).
+METRICS = {"rouge1": ("ROUGE", 100.0), "embed_sim": ("Emb. sim.", 100.0), "laj": ("LAJ", 1.0),
+           "accuracy": ("Acc.", 100.0), "ll_accuracy": ("LL Acc.", 100.0), "ref_loss": ("Loss", 1.0)}
+# Lower-cased name token -> embedder family, for a short column label ("BGE" is the paper's embedder).
+EMBEDDER_FAMILIES = {"bge": "BGE", "minilm": "MiniLM", "mpnet": "MPNet", "e5": "E5", "gte": "GTE"}
 ALWAYS_SHOWN = ("rouge1", "embed_sim", "laj")
 LOWER_IS_BETTER = {"ref_loss"}
 # results.json metric key -> the per-example field of predictions.jsonl it is the mean of.
@@ -89,6 +120,10 @@ class Run:
 
     path: Path
     selector: str
+    selector_config: dict | None  # the selector's constructor settings (None in older results.json)
+    method: str  # the selector, plus the settings that set it apart from its other runs (assign_methods)
+    name: str  # the row name: the paper's, plus those settings in words
+    settings: dict[str, str]  # setting -> value in words, for the settings that make the method a variant
     fraction: float
     seed: int
     stage: str | None
@@ -101,6 +136,7 @@ class Run:
     kernel: dict | None  # results.json "kernel": how each utility kernel was computed (DELIFT only)
     # mode -> example id -> metric key -> score (predictions.jsonl; empty without it)
     examples: dict[str, dict[str, dict[str, float]]]
+    example_sources: dict[str, str]  # example id -> evaluation source, where known
 
 
 def _fraction_of(results: dict, path: Path) -> float:
@@ -123,12 +159,22 @@ def _embedder_name(results: dict) -> str | None:
     return embedder
 
 
-def load_examples(path: Path) -> dict[str, dict[str, dict[str, float]]]:
-    """Per-example scores from the predictions.jsonl beside a results.json (mode -> id -> metric -> score),
-    in results.json's metric keys; unscored examples (an unparsed judge reply) are left out."""
+def _source_of(row: dict, example_id: str) -> str | None:
+    """The row's evaluation source: its `source`, else the id up to the first "/" (ids are <source>/<id>)."""
+    if isinstance(row.get("source"), str):
+        return row["source"]
+    source, slash, _ = example_id.partition("/")
+    return source if slash else None
+
+
+def load_examples(path: Path) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, str]]:
+    """Per-example scores from the predictions.jsonl beside a results.json (mode -> id -> metric -> score,
+    in results.json's metric keys; unscored examples, such as an unparsed judge reply, are left out) and
+    each example's evaluation source (id -> source, for the ids that name one)."""
     examples: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
+    sources: dict[str, str] = {}
     if not path.exists():
-        return {}
+        return {}, {}
     for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -140,8 +186,12 @@ def load_examples(path: Path) -> dict[str, dict[str, dict[str, float]]]:
             raise DeliftInputError("expected an object with an id", file=path, record=line_number, field="id")
         scores = {metric: float(row[field]) for metric, field in EXAMPLE_FIELDS.items()
                   if isinstance(row.get(field), (int, float)) and not np.isnan(row[field])}
-        examples[row.get("mode", "finetune")][str(row["id"])] = scores
-    return dict(examples)
+        example_id = str(row["id"])
+        examples[row.get("mode", "finetune")][example_id] = scores
+        source = _source_of(row, example_id)
+        if source is not None:
+            sources[example_id] = source
+    return dict(examples), sources
 
 
 def load_run(path: Path) -> Run | None:
@@ -172,11 +222,54 @@ def load_run(path: Path) -> Run | None:
     for field in ("selector", "seed"):
         if results.get(field) is None:
             raise DeliftInputError("missing", file=path, field=field)
-    return Run(path=path, selector=results["selector"], fraction=_fraction_of(results, path), seed=int(results["seed"]),
+    config = results.get("selector_config")
+    if config is not None and not isinstance(config, dict):
+        raise DeliftInputError(f"expected an object of settings, got {config!r}", file=path, field="selector_config")
+    examples, example_sources = load_examples(path.parent / "predictions.jsonl")
+    selector = results["selector"]
+    return Run(path=path, selector=selector, selector_config=config, method=selector, name=row_name(selector),
+               settings={}, fraction=_fraction_of(results, path), seed=int(results["seed"]),
                stage=results.get("stage"), model=results.get("model"), experiment=results.get("experiment"),
                n_pool=results.get("n_pool"), metrics_by_mode=by_mode, judge=results.get("judge"),
-               embedder=_embedder_name(results), kernel=results.get("kernel"),
-               examples=load_examples(path.parent / "predictions.jsonl"))
+               embedder=_embedder_name(results), kernel=results.get("kernel"), examples=examples,
+               example_sources=example_sources)
+
+
+def _setting_text(config: dict, key: str) -> str:
+    if key not in config:
+        return NOT_RECORDED
+    value = config[key]
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def assign_methods(runs: list[Run]) -> None:
+    """Split each selector's runs by the selector_config entries that differ among them (fraction and name
+    aside): each configuration becomes a method of its own, keyed `selector[key=value,...]` and named
+    "Row (key value, ...)" by those entries alone. A selector whose runs share one configuration keeps
+    its plain key and row name; runs without selector_config among variants are "(settings not recorded)"."""
+    by_selector = defaultdict(list)
+    for run in runs:
+        by_selector[run.selector].append(run)
+    for selector, group in by_selector.items():
+        configs = [run.selector_config for run in group if run.selector_config is not None]
+        keys = dict.fromkeys(key for config in configs for key in config if key not in NOT_SETTINGS)
+        varying = [key for key in keys if len({_setting_text(config, key) for config in configs}) > 1]
+        if not varying:
+            continue
+        if selector in REFERENCE_SELECTORS:
+            # "vs Random" needs one Random row; averaging two configurations would hide a difference.
+            raise DeliftInputError(f"the {row_name(selector)} runs differ in {', '.join(varying)}; the tables need "
+                                   f"one {row_name(selector)} configuration: pass only one configuration's folders",
+                                   file=group[0].path, field="selector_config")
+        for run in group:
+            if run.selector_config is None:
+                run.settings = {key: NOT_RECORDED for key in varying}
+                run.method, run.name = f"{selector}[{NOT_RECORDED}]", f"{row_name(selector)} (settings {NOT_RECORDED})"
+                continue
+            run.settings = {key: _setting_text(run.selector_config, key) for key in varying}
+            run.method = f"{selector}[" + ",".join(f"{key}={value}" for key, value in run.settings.items()) + "]"
+            run.name = f"{row_name(selector)} (" + ", ".join(
+                f"{key.replace('_', '-')} {value}" for key, value in run.settings.items()) + ")"
 
 
 def collect_runs(run_dirs: list[Path]) -> tuple[list[Run], int]:
@@ -189,22 +282,25 @@ def collect_runs(run_dirs: list[Path]) -> tuple[list[Run], int]:
         paths += [run_dir] if run_dir.is_file() else sorted(run_dir.rglob("results.json"))
     if not paths:
         raise DeliftInputError("no results.json under these folders", file=", ".join(map(str, run_dirs)))
-    runs, skipped, seen = [], 0, {}
+    runs, skipped = [], 0
     for path in sorted(set(paths)):
         run = load_run(path)
         if run is None:
             skipped += 1
-            continue
-        key = (run.selector, run.fraction, run.seed, run.model, run.stage, run.experiment)
-        if key in seen:
-            # Averaging a rerun with its original would count one seed twice.
-            raise DeliftInputError(f"same selector, fraction, seed, model and stage as {seen[key]}; "
-                                   "pass only one of the two folders", file=path)
-        seen[key] = path
-        runs.append(run)
+        else:
+            runs.append(run)
     if not runs:
         raise DeliftInputError("none of the results.json files has metrics (only select/kernel jobs?)",
                                file=", ".join(map(str, run_dirs)))
+    assign_methods(runs)
+    seen = {}
+    for run in runs:
+        key = (run.method, run.fraction, run.seed, run.model, run.stage, run.experiment)
+        if key in seen:
+            # Averaging a rerun with its original would count one seed twice.
+            raise DeliftInputError(f"same method ({run.name}), fraction, seed, model and stage as {seen[key]}; "
+                                   "pass only one of the two folders", file=run.path)
+        seen[key] = run.path
     return runs, skipped
 
 
@@ -218,14 +314,23 @@ def table_fraction(runs: list[Run], requested: float | None = None) -> float | N
     return min(counts, key=lambda fraction: (-counts[fraction], fraction))
 
 
-def row_order(selectors) -> list[str]:
-    """Paper rows first, in the paper's order, then any other selector by name."""
-    known = [name for name in PAPER_ROWS if name in selectors]
-    return known + sorted(set(selectors) - set(PAPER_ROWS))
-
-
 def row_name(selector: str) -> str:
     return PAPER_ROWS.get(selector, selector)
+
+
+def group_by_method(runs) -> dict[str, list[Run]]:
+    """Runs per method, in row order: paper rows first, in the paper's order, then any other selector by
+    name; the variants of one selector together, by name."""
+    paper_order = {selector: index for index, selector in enumerate(PAPER_ROWS)}
+    groups = defaultdict(list)
+    for run in sorted(runs, key=lambda run: (paper_order.get(run.selector, len(paper_order)), run.selector, run.name)):
+        groups[run.method].append(run)
+    return dict(groups)
+
+
+def method_fields(run: Run) -> dict:
+    """What names a row in the JSON: its method key, selector, distinguishing settings and row name."""
+    return {"method": run.method, "selector": run.selector, "settings": run.settings, "name": run.name}
 
 
 def summarize(values: list[float]) -> dict | None:
@@ -258,9 +363,29 @@ def table_columns(runs: list[Run]) -> list[tuple[str, str]]:
     return columns
 
 
-def column_headers(columns: list[tuple[str, str]]) -> list[dict]:
+def _embedder_family(name: str) -> str:
+    base = name.rsplit("/", 1)[-1]
+    tokens = re.split(r"[-_.]", base.lower())
+    return next((family for token, family in EMBEDDER_FAMILIES.items() if token in tokens), base)
+
+
+def embedder_label(embedders: list[str]) -> str:
+    """The embedding similarity's column label: "BGE" (the paper's) only where every run used a BGE model,
+    else the one family the runs used, e.g. "Emb. sim. (MiniLM)"; plain "Emb. sim." for several or none."""
+    families = {_embedder_family(name) for name in embedders}
+    if families == {"BGE"}:
+        return "BGE"
+    return f"{METRICS['embed_sim'][0]} ({families.pop()})" if len(families) == 1 else METRICS["embed_sim"][0]
+
+
+def metric_label(metric: str, runs: list[Run]) -> str:
+    return embedder_label(_names(run.embedder for run in runs)) if metric == "embed_sim" else METRICS[metric][0]
+
+
+def column_headers(columns: list[tuple[str, str]], runs: list[Run]) -> list[dict]:
     """(mode, metric) pairs as the tables' column entries: the cells' key and the header's words."""
-    return [{"key": f"{mode}/{metric}", "mode": MODES[mode], "metric": METRICS[metric][0]} for mode, metric in columns]
+    return [{"key": f"{mode}/{metric}", "mode": MODES[mode], "metric": metric_label(metric, runs)}
+            for mode, metric in columns]
 
 
 def _in_table(run: Run, fraction: float | None) -> bool:
@@ -352,8 +477,8 @@ def make_caption(runs: list[Run], rows: list[dict], columns: list[tuple[str, str
         ("icl", "ICL = the model prompted with demonstrations from the subset"),
         ("finetune", "Fine-tuned = after (Q)LoRA fine-tuning on the subset")) if mode in shown_modes)
     modes += "." if modes else ""
-    units = "ROUGE = ROUGE-1 F1 x 100 and BGE = cosine similarity of sentence embeddings"
-    units += f" ({', '.join(embedders)})" if embedders else ""
+    units = f"ROUGE = ROUGE-1 F1 x 100 and {embedder_label(embedders)} = cosine similarity of sentence embeddings"
+    units += f" ({', '.join(embedders)})" if embedders else " (embedder not recorded)"
     units += " of prediction and reference x 100, both in percent as in the paper"
     shown = {metric for _, metric in columns}
     units += "; LAJ = LLM-as-judge score (1-5)" if "laj" in shown else ""
@@ -368,7 +493,10 @@ def make_caption(runs: list[Run], rows: list[dict], columns: list[tuple[str, str
              f"{MISSING} = not measured.")
     single = [row["name"] for row in rows if row["n_seeds"] == 1]
     single_seed = f"Single seed (n=1): {', '.join(single)}." if single and len(seeds) > 1 else ""
-    parts = [setup, subsets, modes, units, cells, single_seed, _kernel_sentence(runs), _judge_sentence(runs),
+    variants = ("Rows of one selector run with different settings are named by the settings in which they differ "
+                "(results.json selector_config); their other settings are the same."
+                if any(row["settings"] for row in rows) else "")
+    parts = [setup, subsets, modes, units, cells, single_seed, variants, _kernel_sentence(runs), _judge_sentence(runs),
              _parse_failure_sentence(runs)]
     return " ".join(part for part in parts if part)
 
@@ -395,8 +523,10 @@ def verdict(interval: dict, metric: str) -> str | None:
     return None
 
 
-def paired_differences(runs: list[Run], references: list[Run], mode: str, metric: str) -> tuple[list[float], dict]:
-    """method - reference per (seed, example id) scored in both (table units), and the examples paired per seed."""
+def paired_differences(runs: list[Run], references: list[Run], mode: str, metric: str,
+                       source: str | None = None) -> tuple[list[float], dict]:
+    """method - reference per (seed, example id) scored in both (table units), and the examples paired per seed;
+    with `source`, that evaluation source's examples only."""
     factor = METRICS[metric][1]
     by_seed = {run.seed: run for run in references}
     differences, per_seed = [], {}
@@ -405,7 +535,8 @@ def paired_differences(runs: list[Run], references: list[Run], mode: str, metric
         if reference is None:
             continue
         ours, theirs = run.examples.get(mode, {}), reference.examples.get(mode, {})
-        paired = [i for i in ours if metric in ours[i] and metric in theirs.get(i, {})]
+        paired = [i for i in ours if metric in ours[i] and metric in theirs.get(i, {})
+                  and (source is None or run.example_sources.get(i) == source)]
         if paired:
             per_seed[run.seed] = len(paired)
             differences += [(ours[i][metric] - theirs[i][metric]) * factor for i in paired]
@@ -413,10 +544,11 @@ def paired_differences(runs: list[Run], references: list[Run], mode: str, metric
 
 
 def paired_cell(runs: list[Run], references: list[Run], mode: str, metric: str, resamples: int,
-               seed: int) -> dict | None:
-    """One paired comparison: the mean difference, its bootstrap interval, the verdict, the seeds and the
-    evaluation examples paired per seed (n_eval, in the order of `seeds`); None without pairs."""
-    differences, per_seed = paired_differences(runs, references, mode, metric)
+               seed: int, source: str | None = None) -> dict | None:
+    """One paired comparison (over one evaluation source's examples with `source`): the mean difference, its
+    bootstrap interval, the verdict, the seeds and the evaluation examples paired per seed (n_eval, in the
+    order of `seeds`); None without pairs."""
+    differences, per_seed = paired_differences(runs, references, mode, metric, source)
     if not differences:
         return None
     interval = bootstrap_mean(differences, resamples, seed)
@@ -425,29 +557,34 @@ def paired_cell(runs: list[Run], references: list[Run], mode: str, metric: str, 
                        "n_eval": [per_seed[s] for s in seeds]}
 
 
-def paired_comparisons(by_selector: dict[str, list[Run]], columns: list[tuple[str, str]], resamples: int,
+def paired_comparisons(by_method: dict[str, list[Run]], columns: list[tuple[str, str]], resamples: int,
                        seed: int) -> dict | None:
     """Against each reference row present (Random, Full Data), every other row's paired cell per column;
-    None where no run has per-example scores."""
+    None where no run has per-example scores. (A reference selector has one method: assign_methods.)"""
     references = []
     for reference in PAIRED_REFERENCES:
-        if reference not in by_selector:
+        if reference not in by_method:
             continue
-        rows = [{"selector": selector, "name": row_name(selector),
-                 "cells": {f"{mode}/{metric}": paired_cell(by_selector[selector], by_selector[reference], mode, metric,
-                                                           resamples, seed) for mode, metric in columns}}
-                for selector in row_order(by_selector) if selector != reference]
+        rows = [method_fields(group[0]) | {
+                    "cells": {f"{mode}/{metric}": paired_cell(group, by_method[reference], mode, metric, resamples,
+                                                              seed) for mode, metric in columns}}
+                for method, group in by_method.items() if method != reference]
         if any(cell for row in rows for cell in row["cells"].values()):
-            references.append({"selector": reference, "name": row_name(reference), "rows": rows})
+            references.append({"method": reference, "selector": reference, "name": row_name(reference),
+                               "rows": rows})
     if not references:
         return None
     return {"resamples": resamples, "seed": seed, "confidence": CONFIDENCE, "references": references}
 
 
-def _pair_counts(cells) -> str:
-    """"750" or "129-750": how many pairs the paired cells (None for no pairs) rest on."""
-    sizes = sorted({cell["n_pairs"] for cell in cells if cell})
+def _span(sizes: list[int]) -> str:
+    """"750" or "129-750": the sorted sizes' range."""
     return f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+
+
+def _pair_counts(cells) -> str:
+    """How many pairs the paired cells (None for no pairs) rest on, e.g. "129-750"."""
+    return _span(sorted({cell["n_pairs"] for cell in cells if cell}))
 
 
 def paired_caption(paired: dict) -> str:
@@ -462,34 +599,90 @@ def paired_caption(paired: dict) -> str:
 
 
 def paired_by_fraction(runs: list[Run], resamples: int, seed: int) -> dict | None:
-    """Each subset selector against Random at every fraction both were run at: what a budget curve's
-    overlapping error bars cannot say. None unless some selector meets Random at several fractions."""
+    """Each subset method against Random at every fraction both were run at: what a budget curve's
+    overlapping error bars cannot say. None unless some method meets Random at several fractions."""
     subset_runs = [run for run in runs if run.selector not in FIXED_FRACTIONS]
-    by_group = defaultdict(list)
-    for run in subset_runs:
-        by_group[(run.fraction, run.selector)].append(run)
     columns = table_columns(subset_runs)
     rows = []
-    for fraction in sorted({fraction for fraction, _ in by_group}):
-        references = by_group.get((fraction, "random"))
+    for fraction in sorted({run.fraction for run in subset_runs}):
+        by_method = group_by_method(run for run in subset_runs if run.fraction == fraction)
+        references = by_method.get("random")
         if not references:
             continue
-        present = row_order({selector for at, selector in by_group if at == fraction})
-        for selector in (selector for selector in present if selector != "random"):
-            cells = {f"{mode}/{metric}": paired_cell(by_group[(fraction, selector)], references, mode, metric,
-                                                     resamples, seed) for mode, metric in columns}
+        for method, group in by_method.items():
+            if method == "random":
+                continue
+            cells = {f"{mode}/{metric}": paired_cell(group, references, mode, metric, resamples, seed)
+                     for mode, metric in columns}
             if any(cells.values()):
-                rows.append({"selector": selector, "name": f"{row_name(selector)} at {_pct(fraction)}",
-                             "fraction": fraction, "cells": cells})
+                rows.append(method_fields(group[0]) | {"name": f"{group[0].name} at {_pct(fraction)}",
+                                                       "fraction": fraction, "cells": cells})
     if len({row["fraction"] for row in rows}) < 2:
         return None
     pairs = _pair_counts(cell for row in rows for cell in row["cells"].values())
-    return {"columns": column_headers(columns), "rows": rows,
+    return {"columns": column_headers(columns, subset_runs), "rows": rows,
             "caption": (f"Each method - Random at the same subset size, over the (seed, evaluation example) pairs "
                         f"of the seeds both ran ({pairs} pairs per cell), in table units; "
                         f"[lo, hi] = {100 * CONFIDENCE:g} % percentile bootstrap interval ({resamples:,} resamples, "
                         f"seed {seed}); {BETTER} better, {WORSE} worse, marked only where the interval excludes 0 "
                         f"(Loss: lower is better).")}
+
+
+def source_mean(run: Run, source: str, mode: str, metric: str) -> float | None:
+    """The run's mean over one evaluation source's scored examples, in table units; None without any."""
+    scores = [scores[metric] for example_id, scores in run.examples.get(mode, {}).items()
+              if metric in scores and run.example_sources.get(example_id) == source]
+    return METRICS[metric][1] * float(np.mean(scores)) if scores else None
+
+
+def _example_counts(runs: list[Run], source: str) -> list[int]:
+    """The distinct numbers of evaluation examples of `source` in the runs with predictions."""
+    return sorted({Counter(run.example_sources.values())[source] for run in runs if run.example_sources})
+
+
+def by_source_tables(by_method: dict[str, list[Run]], columns: list[tuple[str, str]], resamples: int,
+                     seed: int) -> dict | None:
+    """Method x evaluation source: each cell the mean ± std over seeds of a run's mean over that source's
+    examples, and (`vs_random`) each method's paired difference from Random on that source's examples.
+    None unless the predictions hold two or more sources: a mixture's average can hide where a method
+    wins and where it loses."""
+    runs = [run for group in by_method.values() for run in group]
+    sources = sorted({source for run in runs for source in run.example_sources.values()})
+    if len(sources) < 2:
+        return None
+    rows, differences = [], []
+    for method, group in by_method.items():
+        for source in sources:
+            measured = [run for run in group if source in run.example_sources.values()]
+            if not measured:
+                continue
+            cells = {f"{mode}/{metric}": summarize([mean for run in measured
+                                                    if (mean := source_mean(run, source, mode, metric)) is not None])
+                     for mode, metric in columns}
+            rows.append(method_fields(group[0]) | {"source": source, "seeds": sorted(run.seed for run in measured),
+                                                   "cells": cells})
+            if method != "random" and "random" in by_method:
+                cells = {f"{mode}/{metric}": paired_cell(group, by_method["random"], mode, metric, resamples, seed,
+                                                         source) for mode, metric in columns}
+                if any(cells.values()):
+                    differences.append(method_fields(group[0]) | {"source": source, "cells": cells})
+    counts = {source: _example_counts(runs, source) for source in sources}
+    examples = ", ".join(f"{source} {_span(count)}" for source, count in counts.items())
+    vs_random = None
+    if differences:
+        pairs = _pair_counts(cell for row in differences for cell in row["cells"].values())
+        vs_random = {"rows": differences, "caption": (
+            f"Per evaluation source: method - Random over the (seed, evaluation example) pairs of that source "
+            f"({pairs} pairs per cell), in table units; [lo, hi] = {100 * CONFIDENCE:g} % percentile bootstrap "
+            f"interval ({resamples:,} resamples of the pairs, seed {seed}); {BETTER} better, {WORSE} worse than "
+            f"Random on that source, marked only where the interval excludes 0 (Loss: lower is better); "
+            f"{MISSING} = no pairs.")}
+    return {"eval_sources": [{"source": source, "examples_per_run": count} for source, count in counts.items()],
+            "columns": column_headers(columns, runs), "rows": rows, "vs_random": vs_random,
+            "caption": (f"Per evaluation source ({len(sources)} sources; evaluation examples per run: {examples}): "
+                        f"each cell is the mean ± sample std (ddof=1) over seeds of a run's mean over that source's "
+                        f"examples, in the main table's units; a cell without ± comes from a single seed; "
+                        f"{MISSING} = not measured.")}
 
 
 def build_table(runs: list[Run], fraction: float | None, title: str | None = None, *,
@@ -500,27 +693,26 @@ def build_table(runs: list[Run], fraction: float | None, title: str | None = Non
         raise DeliftInputError(f"no subset run at fraction {fraction} (fractions present: "
                                f"{sorted({run.fraction for run in runs})})", field="--fraction")
     columns = table_columns(in_table)
-    by_selector = defaultdict(list)
-    for run in in_table:
-        by_selector[run.selector].append(run)
+    by_method = group_by_method(in_table)
     rows = []
-    for selector in row_order(by_selector):
-        group = by_selector[selector]
+    for group in by_method.values():
         cells = {f"{mode}/{metric}": summarize(metric_values(group, mode, metric)) for mode, metric in columns}
-        rows.append({"selector": selector, "name": row_name(selector), "fraction": group[0].fraction,
-                     "seeds": sorted(run.seed for run in group), "n_seeds": len(group), "cells": cells})
+        rows.append(method_fields(group[0]) | {"fraction": group[0].fraction, "n_seeds": len(group),
+                                               "seeds": sorted(run.seed for run in group), "cells": cells})
     if title is None:
         label = ", ".join(_names(r.experiment for r in in_table) or _names(r.stage for r in in_table)) or "results"
         subset = f", subsets at {_pct(fraction)}" if fraction is not None else ""
         title = f"{label}: {', '.join(_names(r.model for r in in_table)) or 'model not recorded'}{subset}"
-    paired = paired_comparisons(by_selector, columns, resamples, seed)
+    paired = paired_comparisons(by_method, columns, resamples, seed)
     if paired is not None:
         paired["caption"] = paired_caption(paired)
     return {"title": title, "fraction": fraction,
-            "units": "ROUGE, BGE, accuracies in percent; LAJ 1-5; Loss in nats per token",
-            "columns": column_headers(columns),
+            "units": f"ROUGE, {metric_label('embed_sim', in_table)}, accuracies in percent; LAJ 1-5; "
+                     "Loss in nats per token",
+            "columns": column_headers(columns, in_table),
             "rows": rows, "caption": make_caption(in_table, rows, columns, fraction), "paired": paired,
             "paired_by_fraction": paired_by_fraction(runs, resamples, seed),
+            "by_source": by_source_tables(by_method, columns, resamples, seed),
             "sources": [str(run.path) for run in in_table]}
 
 
@@ -546,12 +738,17 @@ def _signed(value: float) -> str:
     return f"{round(value, 2) + 0.0:+.2f}"  # + 0.0: a difference rounding to zero shows as +0.00, not -0.00
 
 
-def _markdown_grid(columns: list[dict], rows: list[dict], format_row_cell) -> list[str]:
-    header = ["Method"] + [f"{c['mode']} {c['metric']}" for c in columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] + ["---:"] * len(columns)) + "|"]
+def _row_labels(with_source: bool) -> list[str]:
+    return ["name", "source"] if with_source else ["name"]
+
+
+def _markdown_grid(columns: list[dict], rows: list[dict], format_row_cell, with_source: bool = False) -> list[str]:
+    labels = _row_labels(with_source)
+    header = ["Method", "Source"][:len(labels)] + [f"{c['mode']} {c['metric']}" for c in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] * len(labels) + ["---:"] * len(columns)) + "|"]
     for row in rows:
         cells = [format_row_cell(row["cells"][c["key"]]) for c in columns]
-        lines.append("| " + " | ".join([row["name"]] + cells) + " |")
+        lines.append("| " + " | ".join([row[label] for label in labels] + cells) + " |")
     return lines
 
 
@@ -568,6 +765,16 @@ def to_markdown(table: dict) -> str:
         grid = _markdown_grid(by_fraction["columns"], by_fraction["rows"], format_difference)
         text += (f"\n**Paired differences vs Random at each subset size.**\n\n" + "\n".join(grid) + "\n\n"
                  f"{by_fraction['caption']}\n")
+    by_source = table.get("by_source")
+    if by_source:
+        grid = _markdown_grid(by_source["columns"], by_source["rows"], format_cell, with_source=True)
+        text += (f"\n**Per evaluation source** ({table['title']}).\n\n" + "\n".join(grid) + "\n\n"
+                 f"{by_source['caption']}\n")
+        if by_source["vs_random"]:
+            grid = _markdown_grid(by_source["columns"], by_source["vs_random"]["rows"], format_difference,
+                                  with_source=True)
+            text += (f"\n**Paired differences vs Random per evaluation source** ({table['title']}).\n\n"
+                     + "\n".join(grid) + "\n\n" + f"{by_source['vs_random']['caption']}\n")
     return text
 
 
@@ -608,27 +815,39 @@ def to_latex(table: dict, label: str = "results") -> str:
         text += _latex_table(by_fraction["columns"], by_fraction["rows"], _latex_difference,
                              "Paired differences vs Random at each subset size.", by_fraction["caption"],
                              f"{label}-vs-random-by-fraction")
+    by_source = table.get("by_source")
+    if by_source:
+        text += _latex_table(by_source["columns"], by_source["rows"], _latex_cell,
+                             f"{table['title']}: per evaluation source.", by_source["caption"], f"{label}-by-source",
+                             with_source=True)
+        if by_source["vs_random"]:
+            text += _latex_table(by_source["columns"], by_source["vs_random"]["rows"], _latex_difference,
+                                 f"{table['title']}: paired differences vs Random per evaluation source.",
+                                 by_source["vs_random"]["caption"], f"{label}-by-source-vs-random", with_source=True)
     return text
 
 
-def _latex_table(columns: list[dict], rows: list[dict], format_row_cell, title: str, caption: str, label: str) -> str:
-    spans = []  # (mode, first column, last column), 1-based after the Method column
-    for index, column in enumerate(columns, start=2):
+def _latex_table(columns: list[dict], rows: list[dict], format_row_cell, title: str, caption: str, label: str,
+                 with_source: bool = False) -> str:
+    labels = _row_labels(with_source)
+    spans = []  # (mode, first column, last column), 1-based after the Method (and Source) columns
+    for index, column in enumerate(columns, start=len(labels) + 1):
         if spans and spans[-1][0] == column["mode"]:
             spans[-1][2] = index
         else:
             spans.append([column["mode"], index, index])
     lines = [r"\begin{table}[t]", r"\centering",
-             r"\begin{tabular}{l" + "".join(" " + "c" * (last - first + 1) for _, first, last in spans) + "}",
+             r"\begin{tabular}{" + "l" * len(labels)
+             + "".join(" " + "c" * (last - first + 1) for _, first, last in spans) + "}",
              r"\toprule",
-             " & " + " & ".join(rf"\multicolumn{{{last - first + 1}}}{{c}}{{{latex_escape(mode)}}}"
-                                for mode, first, last in spans) + r" \\",
+             " & " * len(labels) + " & ".join(rf"\multicolumn{{{last - first + 1}}}{{c}}{{{latex_escape(mode)}}}"
+                                              for mode, first, last in spans) + r" \\",
              " ".join(rf"\cmidrule(lr){{{first}-{last}}}" for _, first, last in spans),
-             "Method & " + " & ".join(latex_escape(c["metric"]) for c in columns) + r" \\",
+             " & ".join(["Method", "Source"][:len(labels)] + [latex_escape(c["metric"]) for c in columns]) + r" \\",
              r"\midrule"]
     for row in rows:
         cells = [format_row_cell(row["cells"][c["key"]]) for c in columns]
-        lines.append(" & ".join([latex_escape(row["name"])] + cells) + r" \\")
+        lines.append(" & ".join([latex_escape(row[label]) for label in labels] + cells) + r" \\")
     safe_label = re.sub(r"[^A-Za-z0-9:_-]", "-", label)
     lines += [r"\bottomrule", r"\end{tabular}",
               rf"\caption{{\textbf{{{latex_escape(title)}}} {latex_escape(caption)}}}",
@@ -658,62 +877,69 @@ def example_values(runs: list[Run], mode: str, metric: str) -> list[float]:
 
 def budget_curves(runs: list[Run], requested: str = DEFAULT_CURVE_METRIC, *, resamples: int = DEFAULT_RESAMPLES,
                   seed: int = 0) -> dict | None:
-    """Per subset selector, the metric at each fraction; None unless some selector has several fractions.
+    """Per subset method, the metric at each fraction (`methods`, their row names in `names`); None unless
+    some method has several fractions.
 
     Each point is {mean, std, n} over seeds; with per-example scores also `pooled`: the mean over
     (seed, example) and its bootstrap interval (lo, hi), which the plot's error bars show, and, for a
-    selector other than Random, `vs_random`: its paired difference from Random at that fraction
+    method other than Random, `vs_random`: its paired difference from Random at that fraction
     (pairing cancels the example-to-example spread that widens the per-point intervals).
     """
     key = _curve_key(runs, requested)
     if key is None:
         return None
     mode, metric = key.split("/")
-    by_group = defaultdict(list)
+    random_at = defaultdict(list)
     for run in runs:
-        by_group[(run.selector, run.fraction)].append(run)
-    lines = defaultdict(list)
-    references = {}
-    for (selector, fraction), group in sorted(by_group.items()):
-        summary = summarize(metric_values(group, mode, metric))
-        if summary is None:
-            continue
-        scores = example_values(group, mode, metric)
-        summary["pooled"] = bootstrap_mean(scores, resamples, seed) if scores else None
-        if selector in FIXED_FRACTIONS:
-            references[selector] = summary
-            continue
-        point = {"fraction": fraction, **summary}
-        if selector != "random" and ("random", fraction) in by_group:
-            point["vs_random"] = paired_cell(group, by_group[("random", fraction)], mode, metric, resamples, seed)
-        lines[selector].append(point)
+        if run.method == "random":
+            random_at[run.fraction].append(run)
+    lines, names, references = {}, {}, {}
+    for method, runs_of_method in group_by_method(runs).items():
+        by_fraction = defaultdict(list)
+        for run in runs_of_method:
+            by_fraction[run.fraction].append(run)
+        for fraction, group in sorted(by_fraction.items()):
+            summary = summarize(metric_values(group, mode, metric))
+            if summary is None:
+                continue
+            scores = example_values(group, mode, metric)
+            summary["pooled"] = bootstrap_mean(scores, resamples, seed) if scores else None
+            if group[0].selector in FIXED_FRACTIONS:
+                references[method] = summary
+                continue
+            point = {"fraction": fraction, **summary}
+            if method != "random" and random_at.get(fraction):
+                point["vs_random"] = paired_cell(group, random_at[fraction], mode, metric, resamples, seed)
+            lines.setdefault(method, []).append(point)
+            names[method] = group[0].name
     if not any(len(points) > 1 for points in lines.values()):
         return None
-    label, factor = METRICS[metric]
+    factor = METRICS[metric][1]
     source = ", ".join(_names(r.experiment for r in runs) or _names(r.stage for r in runs))
-    return {"metric": key, "label": f"{MODES[mode]} {label}" + (" (%)" if factor == 100.0 else ""),
+    return {"metric": key,
+            "label": f"{MODES[mode]} {metric_label(metric, runs)}" + (" (%)" if factor == 100.0 else ""),
             "title": f"Budget curve: {source}, {', '.join(_names(r.model for r in runs))}".rstrip(", "),
-            "selectors": {selector: lines[selector] for selector in row_order(lines)}, "references": references}
+            "methods": lines, "names": names, "references": references}
 
 
 def plot_budget(curves: dict, path: Path) -> Path:
-    """Metric against subset size (% of the pool), a line with error bars per selector, Full/Initial as
-    references; below it, where runs were paired, each selector's difference from Random with its interval."""
+    """Metric against subset size (% of the pool), a line with error bars per method, Full/Initial as
+    references; below it, where runs were paired, each method's difference from Random with its interval."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    differences = {selector: [p for p in points if p.get("vs_random")]
-                   for selector, points in curves["selectors"].items() if selector != "random"}
-    differences = {selector: points for selector, points in differences.items() if points}
+    differences = {method: [p for p in points if p.get("vs_random")]
+                   for method, points in curves["methods"].items() if method != "random"}
+    differences = {method: points for method, points in differences.items() if points}
     if differences:
         fig, (ax, below_ax) = plt.subplots(2, 1, figsize=(6.4, 6.4), sharex=True, height_ratios=(3, 2))
     else:
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    colors = dict(zip(curves["selectors"], plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
+    colors = dict(zip(curves["methods"], plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
     bootstrapped = False
-    for selector, points in curves["selectors"].items():
+    for method, points in curves["methods"].items():
         x = np.array([100 * p["fraction"] for p in points])
         mean, below, above = [], [], []
         for point in points:
@@ -727,14 +953,14 @@ def plot_budget(curves: dict, path: Path) -> Path:
                 mean.append(point["mean"])
                 below.append(point["std"] or 0.0)
                 above.append(point["std"] or 0.0)
-        ax.errorbar(x, mean, yerr=[below, above], marker="o", capsize=3, color=colors[selector],
-                    label=row_name(selector))
+        ax.errorbar(x, mean, yerr=[below, above], marker="o", capsize=3, color=colors[method],
+                    label=curves["names"][method])
     styles = {"full": ("--", "black"), "initial": (":", "gray")}
-    for selector, summary in curves["references"].items():
-        linestyle, color = styles[selector]
+    for method, summary in curves["references"].items():  # one configuration each, keyed by selector
+        linestyle, color = styles[method]
         pooled = summary["pooled"]
         ax.axhline(pooled["mean"] if pooled else summary["mean"], linestyle=linestyle, color=color,
-                   label=row_name(selector))
+                   label=row_name(method))
         if pooled:
             ax.axhspan(pooled["lo"], pooled["hi"], color=color, alpha=0.1, linewidth=0)
     bars = "95 % bootstrap interval over (seed, example)" if bootstrapped else "± std over seeds"
@@ -744,11 +970,11 @@ def plot_budget(curves: dict, path: Path) -> Path:
     ax.legend(fontsize="small")
     bottom = ax
     if differences:
-        for selector, points in differences.items():
+        for method, points in differences.items():
             cells = [p["vs_random"] for p in points]
             below_ax.errorbar([100 * p["fraction"] for p in points], [c["mean"] for c in cells],
                               yerr=[[c["mean"] - c["lo"] for c in cells], [c["hi"] - c["mean"] for c in cells]],
-                              marker="o", capsize=3, color=colors[selector])
+                              marker="o", capsize=3, color=colors[method])
         below_ax.axhline(0.0, color=colors.get("random", "gray"), linewidth=1)
         better = "lower" if curves["metric"].split("/")[1] in LOWER_IS_BETTER else "higher"
         below_ax.set(ylabel=f"minus Random ({better} is better)")

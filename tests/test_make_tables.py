@@ -1,4 +1,5 @@
-"""experiments/make_tables.py: paper-order rows, mean ± std cells, captions, LaTeX, budget curve, CLI."""
+"""experiments/make_tables.py: paper-order rows, method variants, mean ± std cells, captions, LaTeX, paired and
+per-source statistics, budget curve, CLI."""
 
 import importlib.util
 import json
@@ -117,8 +118,12 @@ def test_caption_names_judge_embedder_seeds_and_parse_failures(grid):
     assert "6 of 60 judge replies could not be parsed" in caption  # 3 random runs x 2 modes x 1 failure of 10
     assert "30 % of the pool of 28 examples" in caption
     assert "x 100" in caption and "percent" in caption
+    # The runs used MiniLM, not the paper's BGE: the column says so.
+    assert "Emb. sim. (MiniLM) = cosine similarity of sentence embeddings (all-MiniLM-L6-v2)" in caption
+    assert "BGE" not in caption
     markdown = make_tables.to_markdown(table)
-    assert markdown.splitlines()[0].startswith("| Method | ICL ROUGE | ICL BGE | ICL LAJ | ICL Acc. | Fine-tuned ROUGE")
+    assert markdown.splitlines()[0].startswith(
+        "| Method | ICL ROUGE | ICL Emb. sim. (MiniLM) | ICL LAJ | ICL Acc. | Fine-tuned ROUGE")
     assert "| Random | 42.00 ± 2.00 | 81.00 ± 1.00 | 3.50 ± 0.50 | – |" in markdown
 
 
@@ -159,10 +164,11 @@ def test_fraction_option_and_budget_curves(grid):
     assert _cells(table, "Random")["finetune/rouge1"] == "60.50 ± 0.71"
     curves = make_tables.budget_curves(runs)
     assert curves["metric"] == "finetune/rouge1"
-    points = curves["selectors"]["random"]
+    points = curves["methods"]["random"]
     assert [p["fraction"] for p in points] == [0.1, 0.3, 0.5]
     assert [round(p["mean"], 2) for p in points] == [30.5, 52.0, 60.5]
-    assert list(curves["selectors"])[:2] == ["random", "less"]  # paper order, then others
+    assert list(curves["methods"])[:2] == ["random", "less"]  # paper order, then others
+    assert curves["names"]["less"] == "LESS" and curves["label"] == "Fine-tuned ROUGE (%)"
     assert round(curves["references"]["full"]["mean"], 2) == 70.0
     assert round(curves["references"]["initial"]["mean"], 2) == 30.0
     # No fine-tuned values at all: the curve falls back to the ICL metric.
@@ -226,7 +232,7 @@ def test_bad_inputs_give_one_error_line(tmp_path):
         make_tables.collect_runs([root])
     (broken / "results.json").unlink()
     _write_run(broken / "rerun", "random", 0, 0.3, icl=_metrics(0.4, 0.8))
-    with pytest.raises(make_tables.DeliftInputError, match="same selector, fraction, seed"):
+    with pytest.raises(make_tables.DeliftInputError, match=r"same method \(Random\), fraction, seed"):
         make_tables.collect_runs([root])
     with pytest.raises(make_tables.DeliftInputError, match="--curve-metric"):
         make_tables.budget_curves(make_tables.collect_runs([root / "multirun"])[0], "finetune/bleu")
@@ -289,16 +295,19 @@ def test_bootstrap_interval_of_a_symmetric_design_is_known_and_not_significant()
 N_EVAL = 10
 
 
-def _write_paired_run(folder: Path, selector: str, seed: int, fraction: float, rouge, loss, correct):
+def _write_paired_run(folder: Path, selector: str, seed: int, fraction: float, rouge, loss, correct, sources=None,
+                      **extra):
     """results.json and predictions.jsonl with the given per-example scores (fine-tuned mode); the metrics
-    are their means, as the pipeline writes them."""
-    rows = [{"mode": "finetune", "id": f"seed{seed}/ex{k}", "prediction": "p", "reference": "r", "rouge1": rouge[k],
-             "embed_sim": 0.5, "ref_loss": loss[k]} | ({"correct": correct[k]} if correct[k] is not None else {})
-            for k in range(N_EVAL)]
+    are their means, as the pipeline writes them. Example k's id is <sources[k]>/ex<k> (one source,
+    "alpaca", by default), as the pipeline's <source>/<original id>."""
+    sources = sources or ["alpaca"] * len(rouge)
+    rows = [{"mode": "finetune", "id": f"{sources[k]}/ex{k}", "prediction": "p", "reference": "r",
+             "rouge1": rouge[k], "embed_sim": 0.5, "ref_loss": loss[k]}
+            | ({"correct": correct[k]} if correct[k] is not None else {}) for k in range(len(rouge))]
     judged = [c for c in correct if c is not None]
     accuracy = {"accuracy": float(np.mean(judged))} if judged else {}
     _write_run(folder, selector, seed, fraction,
-               finetune=_metrics(float(np.mean(rouge)), 0.5, ref_loss=float(np.mean(loss)), **accuracy))
+               finetune=_metrics(float(np.mean(rouge)), 0.5, ref_loss=float(np.mean(loss)), **accuracy), **extra)
     (folder / "predictions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
@@ -367,8 +376,9 @@ def test_paired_tables_in_markdown_latex_and_json(tmp_path):
     assert "Loss = mean token negative log-likelihood" in markdown
     tex = out.with_name("paired.tex").read_text()
     assert r"$+5.00$ [5.00, 5.00] $\uparrow$" in tex and r"\label{tab:paired-vs-random}" in tex
-    assert "▲" not in tex and tex.count(r"\begin{table}") == 3
+    assert "▲" not in tex and tex.count(r"\begin{table}") == 3  # one evaluation source: no per-source tables
     saved = json.loads(out.with_name("paired.json").read_text())
+    assert saved["by_source"] is None and "Per evaluation source" not in markdown
     assert saved["paired"]["resamples"] == 2000 and saved["paired"]["seed"] == 7
     vs_random = saved["paired"]["references"][0]
     cell = next(row for row in vs_random["rows"] if row["name"] == "Full Data")["cells"]["finetune/rouge1"]
@@ -384,7 +394,7 @@ def test_budget_curve_error_bars_are_bootstrap_intervals(tmp_path):
             _write_paired_run(root / f"{fraction}-{seed}", "random", seed, fraction, scores, [1.0] * N_EVAL,
                               [None] * N_EVAL)
     runs, _ = make_tables.collect_runs([root])
-    points = make_tables.budget_curves(runs, resamples=4000)["selectors"]["random"]
+    points = make_tables.budget_curves(runs, resamples=4000)["methods"]["random"]
     # 20 (seed, example) scores of +-10 around the mean: interval about +-1.96 * 10 / sqrt(20) = +-4.4.
     for point, mean in zip(points, (30.0, 50.0)):
         assert point["pooled"]["mean"] == pytest.approx(mean)
@@ -420,10 +430,199 @@ def test_paired_differences_vs_random_at_each_fraction(tmp_path):
     assert r"\label{tab:budget-vs-random-by-fraction}" in out.with_name("budget.tex").read_text()
     # The curve's lower panel: the same paired differences, for the curve's metric.
     curves = json.loads(out.with_name("budget.json").read_text())["budget_curves"]
-    assert [point["vs_random"]["mean"] for point in curves["selectors"]["delift"]] == [pytest.approx(5.0),
-                                                                                      pytest.approx(0.0, abs=1e-9)]
-    assert all("vs_random" not in point for point in curves["selectors"]["random"])
+    assert [point["vs_random"]["mean"] for point in curves["methods"]["delift"]] == [pytest.approx(5.0),
+                                                                                    pytest.approx(0.0, abs=1e-9)]
+    assert all("vs_random" not in point for point in curves["methods"]["random"])
     assert out.with_name("budget_budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # One fraction only: no such table.
     single, _, _ = _table(_write_paired_grid(tmp_path / "single"))
     assert single["paired_by_fraction"] is None
+
+
+# -- methods: selector variants, new baselines ----------------------------------------------------------------
+
+
+def _delift_config(fraction: float, self_utility: str, normalize: str) -> dict:
+    """DELIFT's selector_config as the pipeline writes it (the selector's constructor settings)."""
+    return {"fraction": fraction, "objective": None, "eta": 1.0, "nu": 1.0, "backend": "ours",
+            "self_utility": self_utility, "normalize": normalize, "missing": "neutral", "name": "delift"}
+
+
+INCLUDE_GLOBAL = "DELIFT (self-utility include, normalize global)"
+EXCLUDE_ROW = "DELIFT (self-utility exclude, normalize row)"
+
+
+def _write_variant_grid(root: Path) -> Path:
+    """Random and two DELIFT variants at 30 %, seeds 0 and 1: include/global = Random + 2 ROUGE points on
+    every example, exclude/row = Random + 1 on seed 0 and + 3 on seed 1. One more include/global run at
+    50 %: its fraction differs from the others', its method does not."""
+    loss, unchecked = [1.0] * N_EVAL, [None] * N_EVAL
+    for seed in (0, 1):
+        base = [0.2 + 0.03 * k + 0.01 * seed for k in range(N_EVAL)]  # mean 33.5 + seed ROUGE points
+        _write_paired_run(root / f"random{seed}", "random", seed, 0.3, base, loss, unchecked,
+                          selector_config={"fraction": 0.3, "name": "random"})
+        _write_paired_run(root / f"include{seed}", "delift", seed, 0.3, [r + 0.02 for r in base], loss, unchecked,
+                          selector_config=_delift_config(0.3, "include", "global"))
+        _write_paired_run(root / f"exclude{seed}", "delift", seed, 0.3, [r + 0.01 + 0.02 * seed for r in base], loss,
+                          unchecked, selector_config=_delift_config(0.3, "exclude", "row"))
+    _write_paired_run(root / "include-50", "delift", 0, 0.5, [0.5] * N_EVAL, loss, unchecked,
+                      selector_config=_delift_config(0.5, "include", "global"))
+    return root
+
+
+def test_delift_variants_are_rows_of_their_own_with_their_paired_differences(tmp_path):
+    root = _write_variant_grid(tmp_path / "runs")
+    out = tmp_path / "results" / "variants"
+    assert make_tables.main([str(root), "--out", str(out), "--bootstrap", "4000"]) == 0
+    saved = json.loads(out.with_name("variants.json").read_text())
+    assert saved["fraction"] == 0.3
+    assert [row["name"] for row in saved["rows"]] == ["Random", EXCLUDE_ROW, INCLUDE_GLOBAL]
+    exclude_row = saved["rows"][1]
+    assert exclude_row["method"] == "delift[self_utility=exclude,normalize=row]"
+    assert exclude_row["selector"] == "delift"
+    assert exclude_row["settings"] == {"self_utility": "exclude", "normalize": "row"}
+    assert saved["rows"][0] | {"cells": None} == {
+        "method": "random", "selector": "random", "settings": {}, "name": "Random", "fraction": 0.3, "n_seeds": 2,
+        "seeds": [0, 1], "cells": None}
+    # Seed means: Random 33.5, 34.5; include/global 35.5, 36.5; exclude/row 34.5, 37.5.
+    markdown = out.with_name("variants.md").read_text()
+    assert "| Random | 34.00 ± 0.71 |" in markdown
+    assert f"| {INCLUDE_GLOBAL} | 36.00 ± 0.71 |" in markdown
+    assert f"| {EXCLUDE_ROW} | 36.00 ± 2.12 |" in markdown  # sample std of 34.5 and 37.5: 1.5 * sqrt(2)
+    assert "named by the settings in which they differ" in markdown
+    # vs Random: +2 on all 20 pairs; +1 on 10 and +3 on 10 (mean 2, bootstrap sd 1 / sqrt(20): about +-0.44).
+    rows = {row["method"]: row["cells"]["finetune/rouge1"] for row in saved["paired"]["references"][0]["rows"]}
+    include = rows["delift[self_utility=include,normalize=global]"]
+    assert (include["mean"], include["lo"], include["hi"], include["verdict"]) == (
+        pytest.approx(2.0), pytest.approx(2.0), pytest.approx(2.0), "better")
+    exclude = rows["delift[self_utility=exclude,normalize=row]"]
+    assert exclude["mean"] == pytest.approx(2.0) and exclude["n_pairs"] == 20 and exclude["verdict"] == "better"
+    assert exclude["lo"] == pytest.approx(1.56, abs=0.15) and exclude["hi"] == pytest.approx(2.44, abs=0.15)
+    assert f"| {INCLUDE_GLOBAL} | +2.00 [2.00, 2.00] ▲ |" in markdown
+    tex = out.with_name("variants.tex").read_text()
+    assert r"DELIFT (self-utility include, normalize global) & $36.00 \pm 0.71$" in tex
+    # The budget curve: one line per method, the 50 % run on its variant's line.
+    curves = saved["budget_curves"]
+    assert list(curves["methods"]) == ["random", "delift[self_utility=exclude,normalize=row]",
+                                       "delift[self_utility=include,normalize=global]"]
+    assert [p["fraction"] for p in curves["methods"]["delift[self_utility=include,normalize=global]"]] == [0.3, 0.5]
+    assert curves["names"]["delift[self_utility=include,normalize=global]"] == INCLUDE_GLOBAL
+    # Two runs of one variant and seed are one seed twice; two variants of one seed are not.
+    _write_paired_run(root / "rerun" / "include0", "delift", 0, 0.3, [0.1] * N_EVAL, [1.0] * N_EVAL, [None] * N_EVAL,
+                      selector_config=_delift_config(0.3, "include", "global"))
+    duplicate = r"same method \(DELIFT \(self-utility include, normalize global\)\), fraction, seed, model and stage"
+    with pytest.raises(make_tables.DeliftInputError, match=duplicate + " as .*/include0/"):
+        make_tables.collect_runs([root])
+
+
+def test_variant_labels_for_shared_missing_and_reference_configs(tmp_path):
+    def names(folder):
+        return [row["name"] for row in _table(folder)[0]["rows"]]
+
+    finetune = _metrics(0.4, 0.5)
+    # One configuration (the fractions aside): the plain row name.
+    _write_run(tmp_path / "shared" / "a", "delift", 0, 0.3, finetune=finetune,
+               selector_config=_delift_config(0.3, "exclude", "global"))
+    _write_run(tmp_path / "shared" / "b", "delift", 1, 0.5, finetune=finetune,
+               selector_config=_delift_config(0.5, "exclude", "global"))
+    assert names(tmp_path / "shared") == ["DELIFT"]
+    # A setting one run did not record, and a run without selector_config, among variants.
+    older = {key: value for key, value in _delift_config(0.3, "include", "global").items() if key != "self_utility"}
+    _write_run(tmp_path / "mixed" / "a", "delift", 0, 0.3, finetune=finetune,
+               selector_config=_delift_config(0.3, "exclude", "global"))
+    _write_run(tmp_path / "mixed" / "b", "delift", 0, 0.3, finetune=finetune, selector_config=older)
+    _write_run(tmp_path / "mixed" / "c", "delift", 0, 0.3, finetune=finetune)
+    assert names(tmp_path / "mixed") == ["DELIFT (self-utility exclude)", "DELIFT (self-utility not recorded)",
+                                         "DELIFT (settings not recorded)"]
+    # Random is what the comparisons refer to: two configurations of it are an error, not two rows.
+    for seed, balanced in ((0, False), (1, True)):
+        _write_run(tmp_path / "random" / str(seed), "random", seed, 0.3, finetune=finetune,
+                   selector_config={"fraction": 0.3, "balanced": balanced, "name": "random"})
+    with pytest.raises(make_tables.DeliftInputError, match="the Random runs differ in balanced"):
+        make_tables.collect_runs([tmp_path / "random"])
+
+
+def test_new_baselines_take_their_paper_places(tmp_path):
+    selectors = ["full", "delift", "delift_se", "deft_ucs", "less", "selectit", "rds", "longest", "random_balanced",
+                 "random", "initial"]
+    for selector in selectors:
+        _write_run(tmp_path / selector, selector, 0, 0.3, finetune=_metrics(0.4, 0.5))
+    assert [row["name"] for row in _table(tmp_path)[0]["rows"]] == [
+        "Initial", "Random", "Random (balanced)", "Longest", "RDS+", "SelectIT", "LESS", "DEFT-UCS", "DELIFT (SE)",
+        "DELIFT", "Full Data"]
+
+
+# -- per evaluation source, embedder labels ----------------------------------------------------------------
+
+
+SOURCES = ["alpaca"] * 4 + ["gsm8k"] * 2
+
+
+def _write_two_source_grid(root: Path) -> Path:
+    """Seeds 0 and 1, four alpaca and two gsm8k examples. Random's seed means: alpaca 25 and 27, gsm8k 55 and 59;
+    DELIFT = Random + 5 ROUGE points on every alpaca example, - 10 on every gsm8k one: + 0 over the mixture."""
+    for seed in (0, 1):
+        random = [0.1 * (k + 1) + 0.02 * seed for k in range(4)] + [0.5 + 0.1 * k + 0.04 * seed for k in range(2)]
+        delift = [r + (0.05 if source == "alpaca" else -0.10) for r, source in zip(random, SOURCES)]
+        for selector, rouge in (("random", random), ("delift", delift)):
+            _write_paired_run(root / f"{selector}{seed}", selector, seed, 0.3, rouge, [1.0] * 6, [None] * 6, SOURCES)
+    return root
+
+
+def test_per_source_cells_and_paired_differences(tmp_path):
+    root = _write_two_source_grid(tmp_path / "runs")
+    out = tmp_path / "results" / "src"
+    assert make_tables.main([str(root), "--out", str(out), "--bootstrap", "2000"]) == 0
+    by_source = json.loads(out.with_name("src.json").read_text())["by_source"]
+    assert by_source["eval_sources"] == [{"source": "alpaca", "examples_per_run": [4]},
+                                         {"source": "gsm8k", "examples_per_run": [2]}]
+    cells = {(row["name"], row["source"]): row["cells"]["finetune/rouge1"] for row in by_source["rows"]}
+    assert list(cells) == [("Random", "alpaca"), ("Random", "gsm8k"), ("DELIFT", "alpaca"), ("DELIFT", "gsm8k")]
+    for key, mean, std in ((("Random", "alpaca"), 26.0, 2 ** 0.5), (("Random", "gsm8k"), 57.0, 2 * 2 ** 0.5),
+                           (("DELIFT", "alpaca"), 31.0, 2 ** 0.5), (("DELIFT", "gsm8k"), 47.0, 2 * 2 ** 0.5)):
+        assert (cells[key]["mean"], cells[key]["std"], cells[key]["n"]) == (pytest.approx(mean), pytest.approx(std), 2)
+    # Constant differences within a source: zero-width intervals, a win on alpaca and a loss on gsm8k.
+    differences = {row["source"]: row["cells"] for row in by_source["vs_random"]["rows"]}
+    alpaca, gsm8k = differences["alpaca"]["finetune/rouge1"], differences["gsm8k"]["finetune/rouge1"]
+    assert (alpaca["mean"], alpaca["lo"], alpaca["hi"], alpaca["verdict"]) == (
+        pytest.approx(5.0), pytest.approx(5.0), pytest.approx(5.0), "better")
+    assert alpaca["n_eval"] == [4, 4] and alpaca["n_pairs"] == 8
+    assert (gsm8k["mean"], gsm8k["lo"], gsm8k["hi"], gsm8k["verdict"]) == (
+        pytest.approx(-10.0), pytest.approx(-10.0), pytest.approx(-10.0), "worse")
+    assert gsm8k["n_eval"] == [2, 2]
+    markdown = out.with_name("src.md").read_text()
+    # The mixture hides both: (8 x 5 - 4 x 10) / 12 = 0.
+    assert "| DELIFT | +0.00 [" in markdown
+    assert "**Per evaluation source**" in markdown
+    assert "| Method | Source | Fine-tuned ROUGE |" in markdown
+    assert "| Random | alpaca | 26.00 ± 1.41 | 50.00 ± 0.00 | 1.00 ± 0.00 |" in markdown
+    assert "| DELIFT | alpaca | +5.00 [5.00, 5.00] ▲ | +0.00 [0.00, 0.00] | +0.00 [0.00, 0.00] |" in markdown
+    assert "| DELIFT | gsm8k | -10.00 [-10.00, -10.00] ▼ |" in markdown
+    assert "2 sources; evaluation examples per run: alpaca 4, gsm8k 2" in markdown
+    assert markdown.index("**Per evaluation source**") > markdown.index("**Paired differences vs Random**")
+    tex = out.with_name("src.tex").read_text()
+    assert r"\label{tab:src-by-source}" in tex and r"\label{tab:src-by-source-vs-random}" in tex
+    assert r"Method & Source & ROUGE" in tex and r"\cmidrule(lr){3-5}" in tex
+    assert r"DELIFT & gsm8k & $-10.00$ [-10.00, -10.00] $\downarrow$" in tex
+
+
+def test_an_example_source_is_its_row_field_else_its_id_prefix():
+    assert make_tables._source_of({"source": "gsm8k"}, "alpaca/1") == "gsm8k"
+    assert make_tables._source_of({}, "alpaca/train/1") == "alpaca"
+    assert make_tables._source_of({}, "1") is None
+
+
+def test_embedding_column_named_by_the_embedder_used(tmp_path):
+    assert make_tables.embedder_label(["all-MiniLM-L6-v2"]) == "Emb. sim. (MiniLM)"
+    assert make_tables.embedder_label(["BAAI/bge-large-en-v1.5"]) == "BGE"
+    assert make_tables.embedder_label(["BAAI/bge-large-en-v1.5", "BAAI/bge-small-en-v1.5"]) == "BGE"
+    assert make_tables.embedder_label(["BAAI/bge-large-en-v1.5", "all-MiniLM-L6-v2"]) == "Emb. sim."
+    assert make_tables.embedder_label(["my-embedder"]) == "Emb. sim. (my-embedder)"
+    assert make_tables.embedder_label([]) == "Emb. sim."
+    for seed in (0, 1):
+        _write_run(tmp_path / f"random{seed}", "random", seed, 0.3, icl=_metrics(0.4, 0.8),
+                   embedder={"name": "BAAI/bge-large-en-v1.5", "packaged": False})
+    table = _table(tmp_path)[0]
+    assert [column["metric"] for column in table["columns"]] == ["ROUGE", "BGE"]
+    assert "BGE = cosine similarity of sentence embeddings (BAAI/bge-large-en-v1.5)" in table["caption"]
+    assert table["units"].startswith("ROUGE, BGE, ")
