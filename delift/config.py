@@ -61,6 +61,8 @@ class StageConfig:
     roles: dict[Role, dict[str, Target]] = _help("per role, source name -> dataset config (delift/conf/dataset)")
     sizes: dict[Role, dict[str, NonNegative | None]] = _help("per role and source, a seeded sample of this many rows")
     holdout: dict[Role, HoldoutPart] = _help("parts carved out of a loaded role with the seed, in this order")
+    pool_size: Positive | None = _help("after the holdouts, keep a seeded sample of this many pool records, each "
+                                       "source its share (the evaluation set stays as it was; absent: all)")
     data_seed: NonNegative | None = _help("sample and hold out with this seed instead of the run's: the same pool "
                                           "and evaluation set for every seed of a grid (absent: the run's seed)")
 

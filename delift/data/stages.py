@@ -5,6 +5,7 @@ A stage config (delift/conf/stage/*.yaml) names, per role, a mapping source name
     roles:    {pool: {trivia: <dataset cfg>, ...}, target: {...}, existing: {...}, eval: {...}}
     sizes:    {pool: {trivia: 36, ...}, ...}       # per-source caps: a seeded sample of that many rows
     holdout:  {eval: {from: pool, size: 24}, ...}  # parts carved out of a loaded role, in this order
+    pool_size: 150                                 # optional: then keep a seeded sample of the pool, by source
     data_seed: 0                                   # optional: sample with this seed, not the run's
 
 Roles: `pool` is what selection chooses from; `target` the examples selection aims at (FLMI, and
@@ -85,6 +86,7 @@ def build_stage(stage_cfg, seed: int) -> StageData:
     for part, spec in _mapping(cfg.get("holdout"), "stage.holdout").items():
         _hold_out(name, part, _mapping(spec, f"stage.holdout.{part}"), data, seed)
     _keep_eval_unseen(name, data)
+    _cap_pool(name, cfg.get("pool_size"), data, seed)
 
     for role in REQUIRED_ROLES[objective]:
         if not data[role]:
@@ -172,6 +174,21 @@ def _hold_out(stage: str, part: str, spec: dict, data: dict, seed: int) -> None:
     picked = _stratified_sample(data[origin], size, seed, f"holdout/{part}")
     data[part] = [r for i, r in enumerate(data[origin]) if i in picked]
     data[origin] = [r for i, r in enumerate(data[origin]) if i not in picked]
+
+
+def _cap_pool(stage: str, size, data: dict, seed: int) -> None:
+    """Keep a seeded sample of `size` pool records, each source its proportional share. It runs after the
+    holdouts, so a smaller pool (e.g. one whose exact kernel is affordable) keeps the same evaluation set."""
+    if size is None:
+        return
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise DeliftInputError(f"stage {stage}: must be a positive integer or null, got {size!r}",
+                               field="stage.pool_size")
+    if size >= len(data["pool"]):
+        log.info("stage %s: pool_size %d >= the pool's %d records: all kept", stage, size, len(data["pool"]))
+        return
+    picked = _stratified_sample(data["pool"], size, seed, "pool_size")
+    data["pool"] = [r for i, r in enumerate(data["pool"]) if i in picked]
 
 
 def _stratified_sample(records: list[dict], size: int, seed: int, key: str) -> set[int]:
