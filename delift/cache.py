@@ -3,7 +3,8 @@
 Every cached artefact lives at `<cache_dir>/<kind>/<key>/...` where `key` is a SHA-256 over a
 canonical JSON of everything that determines it. Files are written to a temporary name in the
 same folder and renamed into place, so a crash never leaves a half-written file under the final
-name. Arrays are `.npy` (memory-mappable, loaded with allow_pickle=False).
+name; they get the usual permissions (the umask's), like any file the run writes. Arrays are `.npy`
+(memory-mappable, loaded with allow_pickle=False).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,14 +43,30 @@ def cache_folder(cache_dir, kind: str, key: str) -> Path:
     return folder
 
 
+def temp_path(folder: Path, prefix: str, suffix: str, *, directory: bool = False) -> Path:
+    """A new, empty file (or folder) with a unique name in `folder`, created with the usual permissions
+    (0666 / 0777 less the umask, as `open` and `mkdir` give), not tempfile's owner-only 0600 / 0700: once
+    renamed into place it is an output others may read."""
+    for _ in range(100):
+        path = Path(folder) / f"{prefix}{uuid.uuid4().hex[:12]}{suffix}"
+        try:
+            if directory:
+                os.mkdir(path, 0o777)
+            else:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name in {folder}")
+
+
 @contextmanager
 def _atomic_path(path: Path, suffix: str):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
+    tmp = temp_path(path.parent, f".{path.name}.", f".tmp{suffix}")
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -65,6 +65,16 @@ class StageConfig:
                                        "source its share (the evaluation set stays as it was; absent: all)")
     data_seed: NonNegative | None = _help("sample and hold out with this seed instead of the run's: the same pool "
                                           "and evaluation set for every seed of a grid (absent: the run's seed)")
+    pool: str | None = _help("stage=file, file_task, file_continual: your data file to select from (JSONL, JSON, "
+                             "CSV, Parquet, or a folder saved with datasets' save_to_disk); ids kept as they are")
+    target: str | None = _help("stage=file_task: the file of examples of the task selection aims at (FLMI)")
+    existing: str | None = _help("stage=file_continual: the file of data already learned (FLCG)")
+    eval: str | None = _help("the file to evaluate on (task=run); task=select and task=kernel need none")
+    holdout_eval: Annotated[float, Range(0, low_open=True)] | None = _help(
+        "no stage.eval file: task=run holds out this share (< 1) or count of the pool (file_task: of the target) "
+        "to evaluate on, and says so in the log; task=select and task=kernel keep every record (null: none)")
+    columns: dict[Literal["instruction", "input", "output"], str] | None = _help(
+        "the files' column names where they differ from ours, e.g. {input: question, output: answer}")
 
 
 @dataclass

@@ -24,7 +24,7 @@ from typing import Literal, get_args
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from delift.cache import save_jsonl
+from delift.cache import save_jsonl, temp_path
 from delift.errors import DeliftInputError
 from delift.records import record_prompt
 
@@ -77,7 +77,8 @@ def save_dataset(dataset, folder) -> None:
     (and an earlier export there stays whole)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    # The usual permissions (the umask's), not mkdtemp's 0700: the folder is an output others read.
+    staging = temp_path(folder.parent, f".{folder.name}.", ".tmp", directory=True)
     from datasets.utils import disable_progress_bars, enable_progress_bars, is_progress_bar_enabled
 
     bars = is_progress_bar_enabled()

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from delift.cache import save_json, save_jsonl
 from delift.data import build_stage
 from delift.devices import is_global_zero
-from delift.errors import DeliftInputError
+from delift.errors import DeliftInputError, exit_status
 from delift.evaluation import evaluate
 from delift.export import export_subset
 from delift.icl import nearest_demonstrations
@@ -35,6 +35,8 @@ RUN_DEPENDENT_INFO = ("timings", "kernel_report")
 # Top-level keys that say where and how a job runs, not what it computes: `skip_done` finds a job
 # done whatever they hold (another machine's folders, another logger, resume on or off).
 NOT_RESULT_KEYS = ("paths", "logger", "progress", "resume", "skip_done")
+# A failed job's marker in its run folder (written by delift.cli): the exit status and the error line.
+FAILED_FILE = "FAILED"
 
 
 @contextmanager
@@ -142,20 +144,28 @@ def kernel_summary(kernel) -> dict:
 
 
 def plan_kernels(selector, ctx: SelectionContext, objective: str, output_dir: Path) -> dict:
-    """The dry run: each kernel's plan and a time estimate from one calibration (the model, the
-    tokenizer and a few batches; no embeddings, no kernel)."""
+    """The dry run: each kernel's plan and a time estimate from its calibration on warm batches (the
+    model, the tokenizer and a few batches; no embeddings, no kernel), and the whole job's estimate,
+    model loading included: what task=kernel's `kernel` timing will measure."""
     from delift.utility.kernel import PLAN_OPTIONS, kernel_plan
-    from delift.utility.plan import describe, estimate_seconds
+    from delift.utility.plan import describe, estimate_seconds, format_seconds
 
     options = {k: v for k, v in ctx.kernel_options.items() if k in PLAN_OPTIONS}
-    plans, lines = {}, []
+    started = time.perf_counter()
+    loaded = ctx.model
+    load_seconds = round(time.perf_counter() - started, 1)
+    plans, lines, spreads = {}, [], []
     for name, (rows, cols) in selector.kernel_sources(ctx, objective).items():
-        plan, calibration = kernel_plan(ctx.model.model, ctx.model.tokenizer, rows, cols, **options)
+        plan, calibration = kernel_plan(loaded.model, loaded.tokenizer, rows, cols, **options)
         estimate = round(estimate_seconds(plan, calibration), 1)
         plans[name] = plan.to_dict() | calibration | {"estimated_seconds": estimate}
+        spreads.append(calibration["relative_spread"])
         lines.append(describe(plan, calibration, name=name))
+    total = round(load_seconds + sum(p["estimated_seconds"] for p in plans.values()), 1)
+    lines.append(f"in all: estimated {format_seconds(total)} here, {format_seconds(load_seconds)} of it to load the "
+                 f"model (uncertainty ± {max(spreads):.0%} on the kernels, more on a machine whose load changes)")
     results = {"stage": ctx.stage, "selector": selector.name, "objective": objective, "dry_run": True,
-               "plans": plans, "plan_lines": lines}
+               "plans": plans, "model_load_seconds": load_seconds, "estimated_seconds": total, "plan_lines": lines}
     save_json(output_dir / "plan.json", results)
     return results
 
@@ -180,15 +190,17 @@ def run(cfg: DictConfig) -> dict:
     if writes:
         output_dir.mkdir(parents=True, exist_ok=True)
         # results.json is written last: one left from an earlier run here (another config, or this job
-        # before it was interrupted) must not pass for this run's while it is under way.
+        # before it was interrupted) must not pass for this run's while it is under way; nor an earlier
+        # failure's FAILED marker (delift.cli writes it) for this run's.
         (output_dir / "results.json").unlink(missing_ok=True)
+        (output_dir / FAILED_FILE).unlink(missing_ok=True)
         (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     # The logger's run starts with the job: kernel and selection timings and failures land in it too.
     tracker = start_tracker(cfg, output_dir) if writes else Tracker()
     try:
         results = _run_job(cfg, output_dir, writes, tracker)
-    except BaseException:
-        tracker.close(failed=True)
+    except BaseException as err:
+        tracker.close(failed=True, exit_code=exit_status(err))  # the W&B run ends as the command does
         raise
     tracker.close(failed=False)
     return results
@@ -225,7 +237,7 @@ def _run_job(cfg: DictConfig, output_dir: Path, writes: bool, tracker: Tracker) 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     with _timed(timings, "load_data", tracker):
-        stage = build_stage(cfg.stage, cfg.seed)
+        stage = build_stage(cfg.stage, cfg.seed, evaluates=cfg.task == "run")
     selector = instantiate(cfg.selector)
     ctx = selection_context(cfg, stage, output_dir)
     log.info("Stage %s: pool %d, target %d, existing %d, eval %d", stage.name, len(stage.pool), len(stage.target),

@@ -10,6 +10,7 @@ Every failure is a DeliftInputError naming the key, the value and what is allowe
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import re
 import types
@@ -175,6 +176,17 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
+def closest(word: str, options) -> str | None:
+    """The option of `options` nearest to a misspelt `word` (difflib), or None when none is near."""
+    matches = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def _did_you_mean(path: str, key: str, options) -> str:
+    match = closest(key, options)
+    return f"; did you mean `{_join(path, match)}`?" if match else ""
+
+
 def field_key(f: dataclasses.Field) -> str:
     """The config key of a dataclass field (`key` metadata for keys that are Python keywords)."""
     return f.metadata.get("key", f.name)
@@ -187,8 +199,8 @@ def check_fields(path: str, node: Mapping, schema) -> None:
     # Plain values before groups: a bad `seed` is reported as seed, not as a group interpolating it.
     for key, value in sorted(node.items(), key=lambda item: isinstance(item[1], Mapping)):
         if key not in fields:
-            raise DeliftInputError(f"unknown key; the keys here are {', '.join(sorted(fields))}",
-                                   field=_join(path, key))
+            raise DeliftInputError(f"unknown key; the keys here are {', '.join(sorted(fields))}"
+                                   f"{_did_you_mean(path, key, fields)}", field=_join(path, key))
         check(_join(path, key), value, hints[fields[key].name])
 
 
@@ -224,6 +236,6 @@ def check_target(path: str, node: Mapping) -> None:
         if key not in parameters:
             if open_ended:
                 continue
-            raise DeliftInputError(f"unknown key for {target}; its keys are {', '.join(sorted(parameters))}",
-                                   field=_join(path, key))
+            raise DeliftInputError(f"unknown key for {target}; its keys are {', '.join(sorted(parameters))}"
+                                   f"{_did_you_mean(path, key, parameters)}", field=_join(path, key))
         check(_join(path, key), value, hints.get(key, Any) if own else Any)

@@ -39,12 +39,20 @@ def run_name(cfg: DictConfig) -> str:
     return f"{stage}-{selector}-seed{cfg.seed}"
 
 
+def data_name(cfg: DictConfig) -> str:
+    """The data's name: your pool file's (its stem) with the file stages, else the pool's sources."""
+    path = OmegaConf.select(cfg, "stage.pool", default=None, throw_on_missing=False)
+    if isinstance(path, str) and path not in ("", "???"):
+        return Path(path).stem
+    return "+".join(OmegaConf.select(cfg, "stage.roles.pool", default=None) or {})
+
+
 def run_tags(cfg: DictConfig) -> list[str]:
     """key:value tags to filter runs by; the kernel engine only where the selector reads the utility kernel."""
     from delift.selectors.delift import DeliftSelector
 
     stage, selector = stage_and_selector(cfg)
-    tags = {"stage": stage, "selector": selector, "model": cfg.model.get("name"),
+    tags = {"stage": stage, "selector": selector, "model": cfg.model.get("name"), "data": data_name(cfg),
             "experiment": cfg.get("experiment_name")}
     if issubclass(get_class(cfg.selector._target_), DeliftSelector):
         tags["engine"] = cfg.kernel.get("engine")
@@ -66,14 +74,16 @@ def start_tracker(cfg: DictConfig, output_dir: Path) -> Tracker:
 
 
 def kernel_metrics(kernel_report: dict) -> dict:
-    """Numbers of a selector's kernel report as flat logger metrics (kernel/<name>/<key>)."""
+    """Numbers of a selector's kernel report as flat logger metrics: kernel/<key> for the pool's kernel,
+    kernel/<side>/<key> for the others (query_kernel: kernel/query/..., private_kernel: kernel/private/...)."""
     out = {}
     for name, details in kernel_report.items():
+        prefix = "kernel/" if name == "kernel" else f"kernel/{name.removesuffix('_kernel')}/"
         for key, value in details.items():
             if key == "proxy":
-                out |= {f"kernel/{name}/proxy_{k}": v for k, v in value.items() if isinstance(v, (int, float))}
+                out |= {f"{prefix}proxy_{k}": v for k, v in value.items() if isinstance(v, (int, float))}
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                out[f"kernel/{name}/{key}"] = value
+                out[f"{prefix}{key}"] = value
     return out
 
 
@@ -217,14 +227,16 @@ class Tracker:
             columns = ["mode", "id", "prediction", "reference", "rouge1", "embed_sim"]
             self.logger.log_table("predictions", columns=columns, data=[[r[c] for c in columns] for r in rows])
 
-    def close(self, failed: bool) -> None:
-        """Ends the run: a W&B run finishes with exit code 1 when the job failed (marked failed), 0
-        otherwise; one W&B run per job, also inside a multirun."""
+    def close(self, failed: bool, exit_code: int | None = None) -> None:
+        """Ends the run: a W&B run finishes with the job's exit status, `exit_code` (the command's: 2 for
+        bad input, 1 for other failures; default 1 when failed, 0 otherwise), and is marked failed for any
+        but 0; one W&B run per job, also inside a multirun."""
         if not self.logger:
             return
+        code = (1 if failed else 0) if exit_code is None else exit_code
         self.logger.finalize("failed" if failed else "success")
         if self.wandb_run is not None:
-            self.wandb_run.finish(exit_code=1 if failed else 0)
+            self.wandb_run.finish(exit_code=code)
 
     def _log_images(self, plots: dict[str, Path]) -> None:
         if plots and self.wandb_run is not None:

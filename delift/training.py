@@ -48,6 +48,31 @@ def encode_example(tokenizer, record: dict, max_length: int, *, use_chat_templat
             "cut": cut}
 
 
+def encode_for_selection(tokenizer, records: list[dict], max_length: int, *, use_chat_template: bool, key: str,
+                         what: str, long_response: str = "error") -> list[dict]:
+    """`encode_example` for every record, as the selectors that read the model fit records: an over-long
+    one loses the start of its prompt and keeps its response, with one warning naming `key` (the config key
+    of `max_length`) and how many records. A response that does not fit alone is an error naming `key`,
+    or, with `long_response="cut"` (LESS: its gradients are those of fine-tuning's loss), loses its end
+    as in fine-tuning, and the warning counts it."""
+    examples, too_long = [], 0
+    for record in records:
+        response = len(response_token_ids(tokenizer, record))
+        if response > max_length:
+            if long_response == "error":
+                raise DeliftInputError(f"the response is {response} tokens with its EOS, more than {key}="
+                                       f"{max_length} ({what} keeps responses whole): raise {key} or drop the record",
+                                       record=record["id"], field="output")
+            too_long += 1
+        examples.append(encode_example(tokenizer, record, max_length, use_chat_template=use_chat_template))
+    cut = sum(e["cut"] for e in examples)
+    if cut:
+        log.warning("%d of %d records exceed %s=%d tokens (%s): their prompts lose their start (the response is kept "
+                    "whole%s); raise %s to keep them whole", cut, len(examples), key, max_length, what,
+                    f"; {too_long} responses longer than that alone lose their end" if too_long else "", key)
+    return examples
+
+
 def collate(examples: list[dict], pad_id: int) -> dict:
     """Right-pad a batch; padding is masked out of attention and loss."""
     width = max(len(e["input_ids"]) for e in examples)

@@ -19,7 +19,10 @@ from delift.utility import sparse as sparse_module
 from delift.utility.graph import candidate_graph, nearest_columns, record_vectors
 from delift.utility.plan import calibrate, describe, plan_kernel
 from delift.utility.sparse import measured_over_predicted
-from tests.helpers import SeededEmbedder, compose_config, run_py
+from tests.helpers import SeededEmbedder, compose_config, run_cli
+
+# One xdist worker takes the whole module (make test: --dist loadgroup): its module fixture is computed once.
+pytestmark = pytest.mark.xdist_group("test_approximate")
 
 
 def unit(rows):
@@ -197,7 +200,7 @@ def test_proxy_engine_predicts_candidates_and_keeps_measured_pairs_exact(tiny_qw
     assert set(entries) == graph_pairs | set(measured)
     assert max(abs(entries[p] - exact[p]) for p in measured) <= 1e-6
     assert {"heldout_mse", "heldout_spearman", "n_train", "n_heldout"} <= set(details["proxy"])
-    assert details["proxy"]["n_heldout"] == 2 * 8  # two of the ten sampled rows held out whole
+    assert details["proxy"]["n_heldout"] == 2 * 9  # two of the ten sampled rows held out whole
 
     def never(*args, **kwargs):
         raise AssertionError("a cached sparse kernel should have been returned")
@@ -231,7 +234,7 @@ def test_calibration_times_the_engine(tiny_qwen2, toy_records):
     calibration = calibrate(tiny_qwen2.model, tiny_qwen2.tokenizer, toy_records, toy_records,
                             template=UtilityTemplate(), max_length=256, engine="fast", batch_size=4, reuse=2)
     assert calibration["calibration_pairs"] == 4  # 2 rows x 2 columns: each column serves 2 rows
-    assert 0 < calibration["seconds_per_pair"] < 10 and 0 < calibration["seconds_per_zero_shot"] < 10
+    assert calibration["seconds_per_pair"] > 0 and calibration["seconds_per_zero_shot"] > 0  # speed: benchmarks'
 
 
 def test_config_lists_the_proxy_networks_defaults():
@@ -258,7 +261,7 @@ TINY = ["model=tiny_qwen2", "trainer.max_steps=2", "eval.max_new_tokens=4", "log
                                              ("proxy", ["kernel.proxy.network.max_epochs=3"])])
 def test_pipeline_selects_with_an_approximate_engine_and_says_so(engine, options, tmp_path, monkeypatch):
     overrides = ["selector=delift", f"kernel.engine={engine}", *options, *TINY]
-    cfg = compose_config(overrides, output_dir=tmp_path / "first", cache_dir=tmp_path / "cache")
+    cfg = compose_config(overrides, output_dir=tmp_path / "first")  # the test's own, fresh cache
     results = run(cfg)
     selection = json.loads((tmp_path / "first" / "selection.json").read_text())
     label = selection["info"]["kernel"]
@@ -275,30 +278,30 @@ def test_pipeline_selects_with_an_approximate_engine_and_says_so(engine, options
         raise AssertionError("the second run should reuse the cached kernel")
 
     monkeypatch.setattr(sparse_module, "score_pairs", never)
-    run(compose_config(["task=select", *overrides], output_dir=tmp_path / "second", cache_dir=tmp_path / "cache"))
+    run(compose_config(["task=select", *overrides], output_dir=tmp_path / "second"))
     assert json.loads((tmp_path / "second" / "selection.json").read_text()) == selection
 
 
-def test_dry_run_prints_the_plan_and_computes_nothing(tmp_path, monkeypatch):
+def test_dry_run_prints_the_plan_and_computes_nothing(tmp_path, monkeypatch, cache_dir):
     def never(*args, **kwargs):
         raise AssertionError("a dry run computes no kernel")
 
     monkeypatch.setattr(kernel_module, "compute_sparse_kernel", never)
     monkeypatch.setattr(kernel_module, "_exact_kernel", never)
     cfg = compose_config(["task=kernel", "kernel.dry_run=true", "kernel.engine=knn", "kernel.knn_k=4",
-                          "stage=task", "model=tiny_qwen2"], output_dir=tmp_path, cache_dir=tmp_path / "cache")
+                          "stage=task", "model=tiny_qwen2"], output_dir=tmp_path)
     results = run(cfg)
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan == json.loads(json.dumps(results)) and set(plan["plans"]) == {"kernel", "query_kernel"}
     pool = plan["plans"]["kernel"]
     assert pool["exact_pairs"] == (1 + 4) * pool["n_rows"] and pool["estimated_seconds"] > 0  # itself + 4 others
     assert plan["plans"]["query_kernel"]["n_cols"] == 12  # the task stage's MMLU targets for selection
-    assert not (tmp_path / "cache" / "utility_kernel").exists()
+    assert not (cache_dir / "utility_kernel").exists()
     assert all("estimated" in line for line in plan["plan_lines"])
 
 
-def test_dry_run_through_run_py_prints_the_plan(tmp_path):
-    proc = run_py(["task=kernel", "kernel.dry_run=true", "kernel.engine=proxy", "model=tiny_qwen2",
-                   "progress=false"], cwd=tmp_path)
+def test_dry_run_through_the_command_prints_the_plan(tmp_path, monkeypatch):
+    proc = run_cli(["task=kernel", "kernel.dry_run=true", "kernel.engine=proxy", "model=tiny_qwen2",
+                    "progress=false"], tmp_path, monkeypatch)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "kernel plan (proxy, APPROXIMATION): 28 rows x 28 columns = 784 pairs" in proc.stdout + proc.stderr

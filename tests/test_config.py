@@ -14,13 +14,19 @@ GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir() and p.nam
 OPTIONS = [(group, f.stem) for group in GROUPS for f in sorted((Path(CONF_DIR) / group).glob("*.yaml"))]
 
 
+# Options with keys the user must give (??? in their YAML), given here.
+MANDATORY = {("stage", "file"): ["stage.pool=x.jsonl"],
+             ("stage", "file_task"): ["stage.pool=x.jsonl", "stage.target=y.jsonl"],
+             ("stage", "file_continual"): ["stage.pool=x.jsonl", "stage.existing=y.jsonl"]}
+
+
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_resolves(group, option, tmp_path):
     if group == "dataset":
         cfg = compose_config([f"+dataset@probe={option}"], output_dir=tmp_path)
         node = cfg.probe
     else:
-        cfg = compose_config([f"{group}={option}"], output_dir=tmp_path)
+        cfg = compose_config([f"{group}={option}", *MANDATORY.get((group, option), [])], output_dir=tmp_path)
         node = cfg[group]
     resolved = OmegaConf.to_container(node, resolve=True, throw_on_missing=False)
     assert resolved or option == "none", f"{group}={option} is empty"
@@ -42,12 +48,40 @@ def test_every_experiment_preset_composes(name, tmp_path):
     validate(cfg)
 
 
+def _refuse_to_load(monkeypatch):
+    """Every way a spec could read weights or a tokenizer raises here."""
+    import safetensors.torch
+    import sentence_transformers
+    import torch
+    import transformers
+
+    def loads(*args, **kwargs):
+        raise AssertionError("instantiating a spec loaded weights or a tokenizer")
+
+    for owner, name in [(transformers.AutoModelForCausalLM, "from_pretrained"),
+                        (transformers.AutoModelForCausalLM, "from_config"),
+                        (transformers.AutoTokenizer, "from_pretrained"),
+                        (transformers.PreTrainedModel, "from_pretrained"),
+                        (transformers.PreTrainedTokenizerBase, "from_pretrained"),
+                        (sentence_transformers.SentenceTransformer, "__init__"), (safetensors.torch, "load_file"),
+                        (torch, "load")]:
+        monkeypatch.setattr(owner, name, loads)
+
+
 @pytest.mark.parametrize("group", ["model", "selector", "embedder", "logger", "judge"])
-def test_targets_instantiate_without_loading(group, tmp_path):
-    # Specs are lazy: instantiating one loads no weights and needs no network.
+def test_targets_instantiate_without_loading(group, tmp_path, monkeypatch):
+    # Specs are lazy: instantiating one loads no weights (every loader raises here) and needs no network.
+    from hydra.utils import get_class
+
+    _refuse_to_load(monkeypatch)
+    targets = 0
     for f in sorted((Path(CONF_DIR) / group).glob("*.yaml")):
         cfg = compose_config([f"{group}={f.stem}"], output_dir=tmp_path)
-        assert instantiate(cfg[group]) is not None
+        built = instantiate(cfg[group])
+        if cfg[group] and "_target_" in cfg[group]:
+            assert type(built) is get_class(cfg[group]._target_), f.stem
+            targets += 1
+    assert targets >= 2
 
 
 def test_defaults_are_offline(tmp_path):

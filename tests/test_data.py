@@ -330,7 +330,7 @@ def test_user_file_as_stage_source(tmp_path):
     counts = {role: sum(n for n in stage.summary()[role].values()) for role in ("pool", "eval", "target")}
     assert counts == {"pool": 28, "eval": 24, "target": 8}  # 36 trivia + 14 MMLU + 10 of mine loaded
     mine = [r for role in ("pool", "eval", "target") for r in getattr(stage, role) if r["source"] == "mine"]
-    assert len(mine) == 10 and all(r["id"].startswith("mine/row") for r in mine)
+    assert len(mine) == 10 and all(r["id"].startswith("row") for r in mine)  # the file's ids, kept as they are
 
     missing_path = compose_config("stage=instruction", "+dataset@stage.roles.pool.mine=file")
     with pytest.raises(DeliftInputError, match=r"stage\.roles\.pool\.mine\.path.*must be set"):

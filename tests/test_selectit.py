@@ -109,15 +109,17 @@ def test_rating_sequence_ends_at_the_score_question_even_when_truncated(tiny_qwe
     text = tokenizer.decode(full)
     assert "Response: Paris" in text and text.endswith("Score (1-5):<|im_end|>\n<|im_start|>assistant\n")
     short = rating_sequences(tokenizer, toy_records[:1], ["Rate it."], max_length=len(full) - 5, **ours)[0]
-    assert len(short) == len(full) - 5 and short[:20] == full[:20]
-    assert tokenizer.decode(short).endswith("Paris\n\nScore (1-5):<|im_end|>\n<|im_start|>assistant\n") is False
-    assert tokenizer.decode(short).endswith("Score (1-5):<|im_end|>\n<|im_start|>assistant\n")
+    # An over-long record loses the start of its prompt, as under every selector: the response stays whole.
+    assert len(full) - 10 <= len(short) <= len(full) - 5 and short[:3] == full[:3]
+    assert "Answer the question." not in tokenizer.decode(short)
+    assert "Instruction: What is the capital of France?\nResponse: Paris" in tokenizer.decode(short)
+    assert tokenizer.decode(short).endswith("Paris\n\nScore (1-5):<|im_end|>\n<|im_start|>assistant\n")
     plain = tokenizer.decode(rating_sequences(tokenizer, toy_records[:1], ["Rate it."], max_length=1024,
                                               layout=LAYOUTS["delift"])[0])
     assert plain.endswith("Score (1-5):\n") and "<|im_start|>" not in plain
     original = rating_sequences(tokenizer, toy_records[:1], ["Rate it."], max_length=1024)[0]
     cut = rating_sequences(tokenizer, toy_records[:1], ["Rate it."], max_length=len(original) - 3)[0]
-    assert len(cut) == len(original) - 3 and tokenizer.decode(cut).endswith("\nThe answer is: \n")
+    assert len(cut) <= len(original) - 3 and tokenizer.decode(cut).endswith("\nResponse:Paris\nThe answer is: \n")
     with pytest.raises(DeliftInputError, match="selector.max_length"):
         rating_sequences(tokenizer, toy_records[:1], ["Rate it."], max_length=4)
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import struct
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+import wandb
 from wandb.proto import wandb_internal_pb2
 
 import delift.pipeline
@@ -51,18 +51,15 @@ class OfflineRun:
     records: list
 
     @classmethod
-    def of(cls, output_dir: Path, timeout: float = 60) -> "OfflineRun":
-        """The run's records once its exit record is on disk: W&B's service writes the file a moment
-        after `finish()` returns."""
+    def of(cls, output_dir: Path) -> "OfflineRun":
+        """The run's records: W&B's service writes the file after `finish()` returns, so the service is
+        shut down first (`wandb.teardown` returns once it has flushed every run and exited)."""
+        wandb.teardown()
         (folder,) = output_dir.glob("wandb/offline-run-*")
         (path,) = folder.glob("run-*.wandb")
-        deadline = time.monotonic() + timeout
-        while True:
-            records = read_records(path)
-            if any(r.WhichOneof("record_type") == "exit" for r in records):
-                return cls(folder, records)
-            assert time.monotonic() < deadline, f"no exit record in {path} after {timeout} s"
-            time.sleep(0.2)
+        records = read_records(path)
+        assert any(r.WhichOneof("record_type") == "exit" for r in records), f"no exit record in {path}"
+        return cls(folder, records)
 
     def _kind(self, kind: str) -> list[tuple[int, object]]:
         return [(n, getattr(r, kind)) for n, r in enumerate(self.records) if r.WhichOneof("record_type") == kind]
@@ -111,7 +108,7 @@ def test_run_job_logs_name_tags_timings_selection_kernel_adapter_and_plots(tmp_p
 
     assert wandb_run.info.display_name == "instruction-delift-seed0" and wandb_run.info.job_type == "run"
     assert set(wandb_run.info.tags) == {"stage:instruction", "selector:delift", "model:tiny-qwen2",
-                                        "experiment:instruction", "engine:fast"}
+                                        "experiment:instruction", "engine:fast", "data:trivia+mmlu+gsm8k"}
     assert wandb_run.exit_code == 0
 
     artifacts = wandb_run.artifacts()
@@ -186,7 +183,7 @@ def test_a_job_that_fails_midway_leaves_its_run_marked_failed(tmp_path, offline_
     with pytest.raises(RuntimeError, match="fine-tuning broke"):
         run(compose_config(["selector=random", *TINY], output_dir=output_dir))
     wandb_run = OfflineRun.of(output_dir)
-    assert wandb_run.exit_code != 0
+    assert wandb_run.exit_code == 1  # the command's exit status for an error that is not bad input
     assert wandb_run.logged("time/select") and "selection-instruction-random-seed0" in wandb_run.artifacts()
 
 

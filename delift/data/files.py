@@ -1,8 +1,10 @@
-"""User data files (JSONL, JSON, CSV, Parquet) -> records.
+"""User data files (JSONL, JSON, CSV, Parquet) and Hugging Face dataset folders -> records.
 
 JSONL and JSON are parsed here rather than by `datasets`, so that every error names the file and
-the line. A file's rows may use other column names than ours: `columns` maps our fields
-(instruction, input, output) to the file's. A row without an id gets `<file stem>/<line or row>`.
+the line. A folder is a dataset saved with `save_to_disk` (read with `datasets.load_from_disk`; a
+`meta_json` column, as delift's own `subset_hf/` export writes it, becomes `meta`). A file's rows may
+use other column names than ours: `columns` maps our fields (instruction, input, output) to the
+file's. A row's `id` is kept as it is; a row without one gets `<file stem>/<line or row>`.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ from delift.records import TEXT_FIELDS, validate_records
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",
            ".parquet": "parquet", ".pq": "parquet"}
+HF_FORMAT = "hf"  # a folder written by `Dataset.save_to_disk`
 
 
 def load_file(path, format: str | None = None, columns: Mapping | None = None, id_field: str | None = None,
               limit: int | None = None) -> list[dict]:
     """Read a user data file into validated records.
 
-    format: jsonl, json, csv or parquet (default: from the file extension).
+    path: a file, or a folder holding a Hugging Face dataset saved with `save_to_disk`.
+    format: jsonl, json, csv, parquet or hf (default: from the file extension; hf for a folder).
     columns: {our field: file column}, e.g. {"input": "prompt", "output": "answer"}; unmapped fields
       are read from the column of the same name (a missing instruction or input is "").
     id_field: the file's id column (default "id"; rows without one get `<stem>/<line>`).
@@ -37,9 +41,15 @@ def load_file(path, format: str | None = None, columns: Mapping | None = None, i
     path = Path(path).expanduser()
     if not path.exists():
         raise DeliftInputError("does not exist", file=path)
-    if not path.is_file():
+    if path.is_dir():
+        if format not in (None, HF_FORMAT):
+            raise DeliftInputError(f"is a folder, which format {format!r} cannot read (a folder is read as a saved "
+                                   "Hugging Face dataset: format hf)", file=path, field="format")
+        fmt = HF_FORMAT
+    elif not path.is_file():
         raise DeliftInputError("is not a file", file=path)
-    fmt = _file_format(path, format)
+    else:
+        fmt = _file_format(path, format)
     column_of = _column_map(columns)
     if limit is not None and limit < 1:
         raise DeliftInputError(f"must be a positive number of rows, got {limit}", file=path, field="limit")
@@ -56,8 +66,11 @@ def load_file(path, format: str | None = None, columns: Mapping | None = None, i
 
 def _file_format(path: Path, format: str | None) -> str:
     if format is not None:
+        if format == HF_FORMAT:
+            raise DeliftInputError("is a file; format hf reads a folder saved with save_to_disk", file=path,
+                                   field="format")
         if format not in set(FORMATS.values()):
-            raise DeliftInputError(f"unknown format {format!r}; choose one of {sorted(set(FORMATS.values()))}",
+            raise DeliftInputError(f"unknown format {format!r}; choose one of {sorted({*FORMATS.values(), HF_FORMAT})}",
                                    file=path, field="format")
         return format
     if path.suffix.lower() not in FORMATS:
@@ -101,7 +114,14 @@ def _row_to_record(row: Mapping, where: str, default_id: str, column_of: dict, i
                                    field=named)
         texts[field] = value
 
-    meta = row.get("meta") or {}
+    meta = row.get("meta")
+    if meta is None and isinstance(row.get("meta_json"), str):  # delift's own subset_hf/ export
+        try:
+            meta = json.loads(row["meta_json"])
+        except json.JSONDecodeError as err:
+            raise DeliftInputError(f"is not valid JSON ({err.msg})", file=path, record=record_name,
+                                   field="meta_json") from err
+    meta = meta or {}
     if not isinstance(meta, Mapping):
         raise DeliftInputError(f"must be an object, got {type(meta).__name__}", file=path, record=record_name,
                                field="meta")
@@ -177,4 +197,23 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
         yield number, row
 
 
-READERS = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet}
+def _read_hf_folder(path: Path) -> Iterator[tuple[int, dict]]:
+    if (path / "dataset_dict.json").is_file():
+        splits = sorted(p.name for p in path.iterdir() if p.is_dir())
+        raise DeliftInputError(f"holds a dataset with splits {splits}: give the folder of one split, e.g. "
+                               f"{path / (splits[0] if splits else 'train')}", file=path)
+    if not (path / "dataset_info.json").is_file() and not (path / "state.json").is_file():
+        raise DeliftInputError("is a folder but not a Hugging Face dataset saved with save_to_disk (no state.json); "
+                               "give a JSONL, JSON, CSV or Parquet file, or such a folder", file=path)
+    import datasets  # slow to import: only for folders
+
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except (OSError, ValueError) as err:
+        raise DeliftInputError(f"cannot be read with datasets.load_from_disk ({err})", file=path) from err
+    for number, row in enumerate(dataset, start=1):
+        yield number, row
+
+
+READERS = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet,
+           HF_FORMAT: _read_hf_folder}

@@ -8,9 +8,20 @@ A stage config (delift/conf/stage/*.yaml) names, per role, a mapping source name
     pool_size: 150                                 # optional: then keep a seeded sample of the pool, by source
     data_seed: 0                                   # optional: sample with this seed, not the run's
 
+Your own files (the file, file_task and file_continual stages) are named by role instead:
+
+    pool: /data/mine.jsonl    # and target:, existing:, eval: (each a source named after its role)
+    holdout_eval: 0.2         # no eval file: a job that evaluates holds out this share (or count)
+    columns: {input: question, output: answer}   # the files' column names, where they differ from ours
+
 Roles: `pool` is what selection chooses from; `target` the examples selection aims at (FLMI, and
 LESS's dev set); `existing` the data already learned (FLCG); `eval` the test part, which selection
-never sees. All sampling is seeded: the same config and seed give the same stage.
+never sees; only a job that evaluates (task=run) needs it. All sampling is seeded: the same config
+and seed give the same stage.
+
+Record ids stay as the data gives them (a user file's `id` column as it is), so selection.json and
+subset.jsonl name the records the way their file does; only where two sources share an id do the
+records of both get the prefix `<source>/` (the `source` they carry, see `disambiguate_ids`).
 """
 
 from __future__ import annotations
@@ -32,8 +43,10 @@ from delift.records import record_prompt
 log = logging.getLogger(__name__)
 
 ROLES = ("pool", "target", "existing", "eval")
+# The loader of the files a stage names per role (stage.pool, .target, .existing, .eval: the file stages).
+FILE_LOADER = "delift.data.load_file"
 # The roles each objective cannot do without: FL selects from a pool, FLMI/FL2MI toward a target,
-# FLCG against existing data; every stage is evaluated.
+# FLCG against existing data; a job that evaluates (task=run) needs eval too.
 REQUIRED_ROLES = {
     "fl": ("pool", "eval"),
     "flmi": ("pool", "target", "eval"),
@@ -56,10 +69,12 @@ class StageData:
         return {role: dict(Counter(r["source"] for r in getattr(self, role))) for role in ROLES}
 
 
-def build_stage(stage_cfg, seed: int) -> StageData:
+def build_stage(stage_cfg, seed: int, *, evaluates: bool = True) -> StageData:
     """Load every source of every role, sample each to its size cap, carve out the holdout parts; with the
     run's `seed`, or the stage's `data_seed` where set (the same data, above all the same evaluation set,
-    across runs whose seeds differ)."""
+    across runs whose seeds differ). `evaluates`: the job evaluates (task=run), so the stage needs an
+    evaluation set, held out with `holdout_eval` when no role gives one; task=select and task=kernel
+    need none and select from the whole pool."""
     if isinstance(stage_cfg, DictConfig):
         try:
             cfg = OmegaConf.to_container(stage_cfg, resolve=True, throw_on_missing=True)
@@ -74,24 +89,36 @@ def build_stage(stage_cfg, seed: int) -> StageData:
     if objective not in REQUIRED_ROLES:
         raise DeliftInputError(f"stage {name}: unknown objective {objective!r}; choose one of {sorted(REQUIRED_ROLES)}",
                                field="stage.objective")
-    roles_cfg = _mapping(cfg.get("roles"), "stage.roles")
+    roles_cfg = _with_files(cfg, _mapping(cfg.get("roles"), "stage.roles"))
     sizes = _mapping(cfg.get("sizes"), "stage.sizes")
     for where, given in (("stage.roles", roles_cfg), ("stage.sizes", sizes)):
         for role in given:
             if role not in ROLES:
                 raise DeliftInputError(f"stage {name}: unknown role {role!r}; the roles are {list(ROLES)}", field=where)
 
-    data = {role: _load_role(name, role, _mapping(roles_cfg.get(role), f"stage.roles.{role}"),
-                             _mapping(sizes.get(role), f"stage.sizes.{role}"), seed) for role in ROLES}
+    parts = [(role, source, records) for role in ROLES
+             for source, records in _load_role(name, role, _mapping(roles_cfg.get(role), f"stage.roles.{role}"),
+                                               _mapping(sizes.get(role), f"stage.sizes.{role}"), seed)]
+    data = {role: [] for role in ROLES}
+    for (role, _, _), records in zip(parts, disambiguate_ids([(source, records) for _, source, records in parts])):
+        data[role] += records
     for part, spec in _mapping(cfg.get("holdout"), "stage.holdout").items():
         _hold_out(name, part, _mapping(spec, f"stage.holdout.{part}"), data, seed)
+    if evaluates and not data["eval"] and cfg.get("holdout_eval") is not None:
+        _hold_out_eval(name, objective, cfg["holdout_eval"], data, seed)
     _keep_eval_unseen(name, data)
     _cap_pool(name, cfg.get("pool_size"), data, seed)
 
     for role in REQUIRED_ROLES[objective]:
+        if role == "eval" and not evaluates:
+            continue
+        if role == "eval" and not data["eval"]:
+            raise DeliftInputError(f"stage {name}: role 'eval' is empty, and task=run evaluates: give an evaluation "
+                                   "set (stage.eval=PATH, or hold one out: stage.holdout_eval=0.2), or only select "
+                                   "(task=select)", field="stage.eval")
         if not data[role]:
             raise DeliftInputError(f"stage {name}: role {role!r} is empty, and objective {objective} needs it",
-                                   field=f"stage.roles.{role}")
+                                   field=f"stage.{role}" if cfg.get(role) is not None else f"stage.roles.{role}")
     if objective in ("flmi", "fl2mi") and len(data["target"]) > len(data["pool"]):
         raise DeliftInputError(f"stage {name}: the target ({len(data['target'])} records) is larger than the pool "
                                f"({len(data['pool'])}); selection would aim at more examples than it can choose",
@@ -110,7 +137,28 @@ def _mapping(value, where: str) -> dict:
     return dict(value)
 
 
-def _load_role(stage: str, role: str, sources: dict, caps: dict, seed: int) -> list[dict]:
+def _with_files(cfg: dict, roles_cfg: dict) -> dict:
+    """`roles` plus the stage's file keys (stage.pool, .target, .existing, .eval): each file a source
+    of its role, named after the role, read by delift.data.load_file with the stage's `columns`."""
+    roles_cfg = dict(roles_cfg)
+    for role in ROLES:
+        path = cfg.get(role)
+        if path is None:
+            continue
+        if not isinstance(path, str) or not path.strip():
+            raise DeliftInputError(f"must be the path of a data file or dataset folder, got {path!r}",
+                                   field=f"stage.{role}")
+        sources = dict(_mapping(roles_cfg.get(role), f"stage.roles.{role}"))
+        if role in sources:
+            raise DeliftInputError(f"stage.{role} names a file, and stage.roles.{role} already has a source "
+                                   f"named {role!r}", field=f"stage.{role}")
+        sources[role] = {"_target_": FILE_LOADER, "path": path, "columns": cfg.get("columns")}
+        roles_cfg[role] = sources
+    return roles_cfg
+
+
+def _load_role(stage: str, role: str, sources: dict, caps: dict, seed: int) -> list[tuple[str, list[dict]]]:
+    """(source name, its records) per source of `role`, each sampled to its size cap."""
     unknown = sorted(set(caps) - set(sources))
     if unknown:
         raise DeliftInputError(f"stage {stage}: sizes for {unknown}, which are not sources of role {role} "
@@ -126,7 +174,7 @@ def _load_role(stage: str, role: str, sources: dict, caps: dict, seed: int) -> l
             raise DeliftInputError(f"stage {stage}: must be a non-negative integer or null, got {cap!r}",
                                    field=f"stage.sizes.{role}.{source}")
         loaded = _load_source(dataset_cfg, f"stage.roles.{role}.{source}")
-        records += _with_source_prefix(_sample(loaded, cap, seed, f"sample/{role}/{source}"), source)
+        records.append((source, _sample(loaded, cap, seed, f"sample/{role}/{source}")))
     return records
 
 
@@ -150,10 +198,56 @@ def _sample(records: list[dict], cap: int | None, seed: int, key: str) -> list[d
     return [records[i] for i in picked]
 
 
-def _with_source_prefix(records: list[dict], source: str) -> list[dict]:
-    """Ids become `<source>/<id>` (unless already so), so they stay unique across sources."""
+def disambiguate_ids(parts: list[tuple[str, list[dict]]]) -> list[list[dict]]:
+    """Each part's records (a part: (source name, records)) with their ids as given, except where two
+    sources share an id: then every record of both becomes `<source>/<id>`, `source` being the name the
+    record carries (a file's stem or `source` column; unless the id starts so already), or, where that
+    still leaves the sources sharing ids (two files of one name), the source's own name, which the records
+    then carry as their `source` too. The stage builder and the Python API (`delift.select`) both call
+    this, with the role names as the names of user files, so both name a record alike."""
+    names = [source for source, _ in parts]
+    out = [list(records) for _, records in parts]
+    clashing = _clashing(names, out)
+    for k in clashing:
+        out[k] = [_prefixed(r, r["source"] or names[k]) for r in parts[k][1]]
+    for k in _clashing(names, out) & clashing:  # sources of one name (two files called train.jsonl)
+        out[k] = [_prefixed(r, names[k]) for r in parts[k][1]]
+    return out
+
+
+def _clashing(names: list[str], parts: list[list[dict]]) -> set[int]:
+    """Positions of the parts that share an id with a part of another source name."""
+    owners: dict[str, set[str]] = {}
+    for name, records in zip(names, parts):
+        for r in records:
+            owners.setdefault(r["id"], set()).add(name)
+    shared = {rid for rid, sources in owners.items() if len(sources) > 1}
+    return {k for k, records in enumerate(parts) if any(r["id"] in shared for r in records)}
+
+
+def _prefixed(record: dict, source: str) -> dict:
     prefix = f"{source}/"
-    return [r if r["id"].startswith(prefix) else {**r, "id": prefix + r["id"]} for r in records]
+    return {**record, "id": record["id"] if record["id"].startswith(prefix) else prefix + record["id"],
+            "source": source}
+
+
+def _hold_out_eval(stage: str, objective: str, share, data: dict, seed: int) -> None:
+    """No evaluation set but a job that evaluates: hold out `share` (a fraction < 1, or a count) of the
+    pool, or of the target where the objective aims at one (FLMI, FL2MI: the task evaluated on)."""
+    origin = "target" if objective in ("flmi", "fl2mi") else "pool"
+    n = len(data[origin])
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or share <= 0 or (share >= 1 and share % 1):
+        raise DeliftInputError(f"stage {stage}: must be a fraction in (0, 1) or a whole count, got {share!r}",
+                               field="stage.holdout_eval")
+    size = int(share) if share >= 1 else max(1, int(share * n + 0.5))
+    if size >= n:
+        raise DeliftInputError(f"stage {stage}: holding out {size} of the {n} {origin} records for evaluation leaves "
+                               f"none to {'select from' if origin == 'pool' else 'aim at'}; lower "
+                               "stage.holdout_eval or give an evaluation file (stage.eval=PATH)",
+                               field="stage.holdout_eval")
+    _hold_out(stage, "eval", {"from": origin, "size": size}, data, seed)
+    log.info("stage %s: no evaluation file (stage.eval), so %d of the %d %s records are held out to evaluate on "
+             "(stage.holdout_eval=%s); task=select and task=kernel keep them all", stage, size, n, origin, share)
 
 
 def _hold_out(stage: str, part: str, spec: dict, data: dict, seed: int) -> None:

@@ -284,14 +284,16 @@ class LESSSelector(Selector):
 
     def _compute(self, ctx, loaded, lora, optim, warmup, device, files):
         """Warm up, then features per checkpoint (written to `files` when caching)."""
-        from delift.training import encode_example, finetune
+        from delift.training import encode_for_selection, finetune
 
         base_device = next(loaded.model.parameters()).device
         requires_grad = {name: p.requires_grad for name, p in loaded.model.named_parameters()}
         chat = self.use_chat_template(ctx)
+        key = "selector.optim.max_length" if "max_length" in self.optim else "train.optim.max_length"
         pool_examples, target_examples = (
-            [encode_example(loaded.tokenizer, rec, optim["max_length"], use_chat_template=chat) for rec in records]
-            for records in (ctx.pool, ctx.target))
+            encode_for_selection(loaded.tokenizer, records, optim["max_length"], use_chat_template=chat, key=key,
+                                 what=f"LESS {role} gradients", long_response="cut")
+            for role, records in (("pool", ctx.pool), ("target", ctx.target)))
         with tempfile.TemporaryDirectory(prefix="less-warmup-") as scratch:
             output_dir = Path(ctx.output_dir) / "less_warmup" if ctx.output_dir is not None else Path(scratch)
             result = finetune(loaded, [ctx.pool[i] for i in warmup], lora=lora, optim=optim,

@@ -104,12 +104,13 @@ class RDSSelector(Selector):
 
     def embeddings(self, ctx: SelectionContext, records: list[dict], role: str) -> np.ndarray:
         """Unit embeddings of `records`, cached under ctx.cache_dir by the token ids the model reads."""
-        from delift.training import encode_example  # imports Lightning: only when RDS runs
+        from delift.training import encode_for_selection  # imports Lightning: only when RDS runs
 
         loaded = ctx.model
         chat = bool(ctx.train_options.get("use_chat_template", True))  # the run's fine-tuning format
-        sequences = [encode_example(loaded.tokenizer, record, self.max_length, use_chat_template=chat)["input_ids"]
-                     for record in records]
+        sequences = [e["input_ids"] for e in encode_for_selection(loaded.tokenizer, records, self.max_length,
+                                                                  use_chat_template=chat, key="selector.max_length",
+                                                                  what=f"RDS+ {role} embeddings")]
         pad_id = loaded.tokenizer.pad_token_id
         pad_id = loaded.tokenizer.eos_token_id if pad_id is None else pad_id
 

@@ -19,6 +19,7 @@ model, the prompts, the layout and the records.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import numpy as np
@@ -30,6 +31,8 @@ from delift.generation import SCORE_TOKENS, next_token_log_probs, score_token_id
 from delift.records import record_prompt
 from delift.selectors.base import Fraction, Selection, SelectionContext, Selector, register
 from delift.selectors.selectit_prompts import LAYOUTS, RATING_PROMPTS, RatingLayout
+
+log = logging.getLogger(__name__)
 
 
 
@@ -91,35 +94,51 @@ def model_level_scores(sentence_scores: list[np.ndarray], model_sizes: list[floa
 
 
 def rating_sequences(tokenizer, records: list[dict], rating_prompts, *, max_length: int,
-                     layout: RatingLayout = LAYOUTS["original"], use_chat_template: bool = False) -> list[list[int]]:
+                     layout: RatingLayout = LAYOUTS["original"], use_chat_template: bool = False,
+                     cut: set | None = None) -> list[list[int]]:
     """Token ids of every (record, rating prompt) pair, record-major: index = record * K + prompt.
 
     Each sequence ends where the model's next token is the score. A sequence that fits is the
-    whole text tokenized at once, as the original does; an over-long one loses the end of the
-    record block, never the closing question.
+    whole text tokenized at once, as the original does; an over-long one loses the start of the
+    record's prompt (as every selector fits records), never its response nor the closing question,
+    with one warning naming selector.max_length and how many records (their ids go into `cut`); one
+    that does not fit even without its prompt is an error naming selector.max_length.
     """
     chat = use_chat_template and getattr(tokenizer, "chat_template", None)
-    sequences = []
+
+    def encode(rating_prompt: str, prompt: str, rec: dict) -> list[int]:
+        user = layout.record_block.format(rating_prompt=rating_prompt, prompt=prompt, response=rec["output"]) \
+            + layout.question
+        if chat:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
+                                                 tokenize=False)
+        else:
+            text = user + layout.plain_end
+        return tokenizer.encode(text, add_special_tokens=not chat)
+
+    sequences, shortened = [], {}
     for rec in records:
         for rating_prompt in rating_prompts:
-            user = layout.record_block.format(rating_prompt=rating_prompt, prompt=record_prompt(rec),
-                                              response=rec["output"]) + layout.question
-            if chat:
-                text = tokenizer.apply_chat_template([{"role": "user", "content": user}],
-                                                     add_generation_prompt=True, tokenize=False)
-            else:
-                text = user + layout.plain_end
-            whole = tokenizer.encode(text, add_special_tokens=not chat)
-            if len(whole) <= max_length:
-                sequences.append(whole)
-                continue
-            cut = text.rfind(layout.question)
-            head = tokenizer.encode(text[:cut], add_special_tokens=not chat)
-            tail = tokenizer.encode(text[cut:], add_special_tokens=False)
-            if len(tail) >= max_length:
-                raise DeliftInputError(f"max_length {max_length} leaves no room for the record",
-                                       field="selector.max_length")
-            sequences.append(head[: max_length - len(tail)] + tail)
+            prompt = record_prompt(rec)
+            whole = encode(rating_prompt, prompt, rec)
+            while len(whole) > max_length:
+                prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+                if not prompt:
+                    raise DeliftInputError(f"the rating prompt is {len(whole)} tokens even without the record's "
+                                           f"prompt, more than selector.max_length={max_length} (the response is "
+                                           "kept whole): raise selector.max_length or drop the record",
+                                           record=rec["id"], field="output")
+                excess = len(whole) - max_length
+                prompt = tokenizer.decode(prompt_ids[excess:]) if excess < len(prompt_ids) else ""
+                whole = encode(rating_prompt, prompt, rec)
+                shortened[rec["id"]] = True
+            sequences.append(whole)
+    if shortened:
+        log.warning("%d of %d records exceed selector.max_length=%d tokens in SelectIT's rating prompts: their "
+                    "prompts lose their start (the response is kept whole); raise selector.max_length to keep them "
+                    "whole", len(shortened), len(records), max_length)
+        if cut is not None:
+            cut.update(shortened)
     return sequences
 
 
@@ -173,17 +192,21 @@ class SelectITSelector(Selector):
         """(n, K, 5) score-token log-probabilities of one model, cached when `ctx.cache_dir` is set."""
         shape = (len(records), len(self.rating_prompts), len(SCORE_TOKENS))
 
+        cut: set = set()
+        sequences = rating_sequences(loaded.tokenizer, records, self.rating_prompts, max_length=self.max_length,
+                                     layout=self._layout, use_chat_template=self.use_chat_template, cut=cut)
+
         def compute():
-            sequences = rating_sequences(loaded.tokenizer, records, self.rating_prompts, max_length=self.max_length,
-                                         layout=self._layout, use_chat_template=self.use_chat_template)
             flat = score_token_log_probs(loaded, sequences, batch_size=self.batch_size, progress=ctx.progress)
             return flat.reshape(shape)
 
         if ctx.cache_dir is None:
             return compute()
-        # v2: a sequence that fits is tokenized whole (v1 always split it before the question).
+        # v2: a sequence that fits is tokenized whole (v1 always split it before the question). An over-long
+        # record loses the start of its prompt (before: the end of its record block): marked in the key.
         key = content_hash("selectit/v2", loaded.identity, self.rating_prompts, dataclasses.asdict(self._layout),
-                           self.max_length, self.use_chat_template, records_hash(records))
+                           self.max_length, self.use_chat_template, records_hash(records),
+                           *(["prompt-start-cut"] if cut else []))
         path = cache_folder(ctx.cache_dir, "selectit", key) / "score_log_probs.npy"
         return cached_array(path, compute, shape=shape, dtype=np.float32)
 

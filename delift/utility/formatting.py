@@ -222,9 +222,9 @@ class UtilityInputs:
         for rid, ids in zip(self.row_ids, self.targets):
             if len(ids) + 1 > self.max_length:
                 raise DeliftInputError(
-                    f"the response is {len(ids) - 1} tokens; with the two EOS tokens it exceeds max_length="
-                    f"{self.max_length} (the scored response is never truncated: raise max_length or drop the record)",
-                    record=rid, field="output")
+                    f"the response is {len(ids) - 1} tokens; with the two EOS tokens it exceeds kernel.max_length="
+                    f"{self.max_length} (the scored response is never truncated: raise kernel.max_length or drop "
+                    "the record)", record=rid, field="output")
         self.zero_shot = encode(tokenizer, [template.zero_shot_prompt(r) for r in rows])
         self.query_text = [template.query(r) for r in rows]
         self.query = encode_after(tokenizer, self.query_text, template.boundary_context)
@@ -304,9 +304,22 @@ class UtilityInputs:
             return zero_shot + int((query[pairs[0]] + demo[pairs[1]] > 0).sum())
         return zero_shot + int((~self.fits(range(self.n_rows), range(self.n_cols))).sum())
 
+    def over_long_records(self) -> list[str]:
+        """Ids of the records too long to fit whole even beside the shortest other part: as a row, its
+        zero-shot prompt exceeds its budget; as a column, its demonstration block and the shortest
+        query with its response exceed max_length."""
+        ids = [self.row_ids[i] for i in range(self.n_rows) if len(self.zero_shot[i]) > self.prompt_budget(i)]
+        shortest = min(len(q) - self.prompt_budget(i) for i, q in enumerate(self.query))  # query beyond its room
+        ids += [self.col_ids[j] for j in range(self.n_cols) if len(self.demo[j]) + shortest > 0]
+        return list(dict.fromkeys(ids))
+
     def warn_truncation(self, pairs: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         count = self.truncation_count(pairs)
         if count:
-            warnings.warn(f"{count} utility sequence(s) exceed kernel.max_length={self.max_length} tokens: their "
-                          "prompts are truncated from the left (the scored response is kept whole); raise "
+            long = self.over_long_records()
+            records = len(dict.fromkeys(self.row_ids + self.col_ids))
+            whose = (f", {len(long)} of the {records} records too long on their own ({', '.join(long[:5])}"
+                     f"{', ...' if len(long) > 5 else ''})" if long else ", pairs of long records")
+            warnings.warn(f"{count} utility sequence(s) exceed kernel.max_length={self.max_length} tokens{whose}: "
+                          "their prompts are truncated from the left (the scored response is kept whole); raise "
                           "kernel.max_length to keep them whole", UserWarning, stacklevel=3)

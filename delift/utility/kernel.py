@@ -18,7 +18,7 @@ from delift.records import validate_records
 from delift.utility.formatting import UtilityInputs, UtilityTemplate
 from delift.utility.graph import ANN_DEFAULTS, features_identity, uses_ivf
 from delift.utility.lightning import run_tiles
-from delift.utility.plan import KernelPlan, calibrate, describe, plan_kernel
+from delift.utility.plan import CALIBRATION_BATCHES, KernelPlan, calibrate, describe, plan_kernel
 from delift.utility.sparse import compute_sparse_kernel
 from delift.utility.tiles import CACHE_KIND, KERNEL_FILE, assemble_kernel, kernel_key, plan_tiles
 
@@ -78,10 +78,11 @@ def compute_kernel(model, tokenizer, rows: Sequence[Mapping], cols: Sequence[Map
     template = UtilityTemplate.from_config(template)
     shape = (len(rows), len(cols))
 
-    def log_plan() -> None:
+    def log_plan() -> None:  # one timed batch: a real run's log line costs little (the dry run times three)
         log.info(describe(*kernel_plan(model, tokenizer, rows, None if same else cols, template=template, engine=engine,
                                        batch_size=batch_size, tile_size=tile_size, max_length=max_length, knn_k=knn_k,
-                                       knn_random=knn_random, features=features, proxy=proxy, seed=seed)))
+                                       knn_random=knn_random, features=features, proxy=proxy, seed=seed,
+                                       calibration_batches=1)))
 
     folder, parts = None, None
     if approximate:
@@ -140,16 +141,17 @@ PLAN_OPTIONS = ("template", "engine", "batch_size", "tile_size", "max_length", "
 def kernel_plan(model, tokenizer, rows: Sequence[Mapping], cols: Sequence[Mapping] | None = None, *, template=None,
                 engine: str = "fast", batch_size: int = 16, tile_size: int = 64, max_length: int = 1024,
                 knn_k: int = 8, knn_random: int = 0, features: str = "embedder", proxy: Mapping | None = None,
-                seed: int = 0) -> tuple[KernelPlan, dict]:
+                seed: int = 0, calibration_batches: int = CALIBRATION_BATCHES) -> tuple[KernelPlan, dict]:
     """What `compute_kernel` with these options would do (pairs, passes, tiles) and its calibration
-    on this machine (a few batches); computes no kernel."""
+    on this machine (a discarded warm-up batch, then `calibration_batches` timed ones); computes no kernel."""
     same = cols is None
     cols = rows if same else cols
     plan = plan_kernel(len(rows), len(cols), engine=engine, tile_size=tile_size, knn_k=knn_k, knn_random=knn_random,
                        features=features, proxy=_proxy_options(proxy) if engine == "proxy" else None,
                        same_records=same)
     calibration = calibrate(model, tokenizer, rows, cols, template=UtilityTemplate.from_config(template),
-                            max_length=max_length, engine=engine, batch_size=batch_size, reuse=plan.reuse, seed=seed)
+                            max_length=max_length, engine=engine, batch_size=batch_size, reuse=plan.reuse, seed=seed,
+                            batches=calibration_batches)
     return plan, calibration
 
 

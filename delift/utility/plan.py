@@ -1,5 +1,7 @@
 """Plan before paying: what a kernel will cost (pairs, forward passes, tiles) and how long, from a
-short calibration of the engine on this machine (one zero-shot batch and one batch of pairs).
+short calibration of the engine on this machine: warm batches only (the first batch of each kind is
+run and discarded: first calls pay for allocation and dispatch that the kernel's thousands of batches
+do not), whose spread gives the estimate's uncertainty.
 
 `plan_kernel` needs only the sizes and the kernel options (no embeddings, no graph: the
 approximate engines score exactly min(k + random, n_cols) pairs per scored row); `calibrate`
@@ -18,6 +20,8 @@ from delift.utility.engine import one_shot_distances, zero_shot_distances
 from delift.utility.formatting import UtilityInputs
 
 APPROXIMATE_ENGINES = ("knn", "proxy")
+# Timed batches of each kind after the discarded warm-up batch (the dry run's; a real run's log line, 1).
+CALIBRATION_BATCHES = 3
 
 
 @dataclass(frozen=True)
@@ -75,23 +79,34 @@ def plan_kernel(n_rows: int, n_cols: int, *, engine: str, tile_size: int = 64, k
 
 
 def calibrate(model, tokenizer, rows, cols, *, template, max_length: int, engine: str, batch_size: int,
-              reuse: float, seed: int = 0) -> dict:
-    """Seconds per zero-shot pass and per pair, from one zero-shot batch and one batch of about
-    `batch_size` pairs whose columns each serve `reuse` rows (as in the planned kernel)."""
+              reuse: float, seed: int = 0, batches: int = CALIBRATION_BATCHES) -> dict:
+    """Seconds per zero-shot pass and per pair on this machine: a warm-up zero-shot batch and batch of
+    pairs (discarded), then `batches` timed ones, each of about `batch_size` pairs whose columns each serve
+    `reuse` rows (as in the planned kernel), on its own seeded sample of the records. Their median is the
+    rate (a batch slowed by another job's burst does not set it); half their range, relative to it, the
+    uncertainty (`relative_spread`)."""
     rng = np.random.default_rng(seed)
     n_use = max(1, min(batch_size, len(rows), int(round(reuse)) or 1))
     n_demo = max(1, min(len(cols), math.ceil(batch_size / n_use)))
-    row_sample = [rows[i] for i in sorted(rng.choice(len(rows), n_use, replace=False))]
-    col_sample = [cols[j] for j in sorted(rng.choice(len(cols), n_demo, replace=False))]
-    inputs = UtilityInputs(tokenizer, row_sample, col_sample, template, max_length)
     engine = "naive" if engine == "naive" else "fast"
-    started = time.perf_counter()
-    zero_shot_distances(model, inputs, range(n_use), engine=engine, batch_size=batch_size)
-    zero_shot = (time.perf_counter() - started) / n_use
-    started = time.perf_counter()
-    one_shot_distances(model, inputs, range(n_use), range(n_demo), engine=engine, batch_size=batch_size)
-    pair = (time.perf_counter() - started) / (n_use * n_demo)
-    return {"seconds_per_zero_shot": zero_shot, "seconds_per_pair": pair, "calibration_pairs": n_use * n_demo}
+    zero_shot, pair = [], []
+    for batch in range(1 + max(1, int(batches))):
+        row_sample = [rows[i] for i in sorted(rng.choice(len(rows), n_use, replace=False))]
+        col_sample = [cols[j] for j in sorted(rng.choice(len(cols), n_demo, replace=False))]
+        inputs = UtilityInputs(tokenizer, row_sample, col_sample, template, max_length)
+        started = time.perf_counter()
+        zero_shot_distances(model, inputs, range(n_use), engine=engine, batch_size=batch_size)
+        zero_seconds = (time.perf_counter() - started) / n_use
+        started = time.perf_counter()
+        one_shot_distances(model, inputs, range(n_use), range(n_demo), engine=engine, batch_size=batch_size)
+        pair_seconds = (time.perf_counter() - started) / (n_use * n_demo)
+        if batch:  # the first batch warms up: discarded
+            zero_shot.append(zero_seconds)
+            pair.append(pair_seconds)
+    per_pair = float(np.median(pair))
+    return {"seconds_per_zero_shot": float(np.median(zero_shot)), "seconds_per_pair": per_pair,
+            "calibration_pairs": n_use * n_demo, "calibration_batches": len(pair),
+            "relative_spread": float((max(pair) - min(pair)) / 2 / per_pair) if per_pair > 0 else 0.0}
 
 
 def estimate_seconds(plan: KernelPlan, calibration: dict) -> float:
@@ -104,16 +119,25 @@ def describe(plan: KernelPlan, calibration: dict | None = None, *, name: str = "
     """One human line: the plan, and the estimate when calibrated."""
     all_pairs = plan.n_rows * plan.n_cols
     fewer = all_pairs / max(1, plan.exact_pairs)
-    text = (f"{name} plan ({plan.engine}{', APPROXIMATION' if plan.engine in APPROXIMATE_ENGINES else ''}): "
+    approximate = plan.engine in APPROXIMATE_ENGINES
+    text = (f"{name} plan ({plan.engine}{', APPROXIMATION' if approximate else ''}): "
             f"{plan.n_rows:,} rows x {plan.n_cols:,} columns = {all_pairs:,} pairs; scored exactly "
-            f"{plan.exact_pairs:,} pairs + {plan.zero_shot_passes:,} zero-shot passes ({fewer:,.1f}x fewer "
-            f"pairs than exact); {plan.forward_passes:,} forward passes, {plan.tiles} tiles")
+            f"{plan.exact_pairs:,} pairs + {plan.zero_shot_passes:,} zero-shot passes"
+            + (f" ({fewer:,.1f}x fewer pairs than exact)" if approximate else "")
+            + f"; {plan.forward_passes:,} forward passes, {plan.tiles} tiles")
     if plan.predicted_pairs:
         text += f"; the proxy predicts {plan.predicted_pairs:,} candidate pairs"
     if calibration is not None:
         seconds = estimate_seconds(plan, calibration)
-        text += (f"; estimated {format_seconds(seconds)} here ({1 / calibration['seconds_per_pair']:.1f} pairs/s "
-                 f"calibrated on {calibration['calibration_pairs']} pairs)")
+        spread = calibration.get("relative_spread") or 0.0
+        batches = calibration.get("calibration_batches", 1)
+        text += f"; estimated {format_seconds(seconds)} here"
+        if spread >= 0.005:
+            text += f" ({format_seconds(seconds * (1 - spread))} to {format_seconds(seconds * (1 + spread))})"
+        text += (f": {1 / calibration['seconds_per_pair']:.1f} pairs/s"
+                 + (f" ± {spread:.0%}" if spread >= 0.005 else "")
+                 + f", measured on {batches} warm batch{'es' if batches != 1 else ''} of "
+                 f"{calibration['calibration_pairs']} pairs")
     return text
 
 
