@@ -7,6 +7,7 @@ Embeddings are L2-normalised float32 and cached by a hash of the embedder and th
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from delift.cache import cache_folder, cached_array, content_hash
 from delift.errors import DeliftInputError
+from delift.records import record_text
 
 
 @dataclass
@@ -58,6 +60,30 @@ class Embedder:
         vectors = np.asarray(vectors, dtype=np.float32).reshape(len(texts), -1)
         return vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)  # unit again after bf16
 
+    def record_texts(self, records: list[dict]) -> list[str]:
+        """Whole-record texts (instruction + input + output) that fit the encoder. The encoder would cut
+        an over-long text at its end, losing the response; here it loses the start of its prompt, as a
+        record does everywhere in delift (one warning with the count)."""
+        limit = self.model.max_seq_length - 2  # the encoder's [CLS] and [SEP]
+        tokenizer = self.model.tokenizer
+        texts, cut = [], 0
+        for record in records:
+            text = record_text(record)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) > limit:
+                cut += 1
+                # Decoding a cut that starts inside a word re-tokenizes a little longer: cut until it fits.
+                keep = limit
+                text = tokenizer.decode(ids[-keep:])
+                while len(tokenizer(text, add_special_tokens=False)["input_ids"]) > limit:
+                    keep -= 8
+                    text = tokenizer.decode(ids[-keep:])
+            texts.append(text)
+        if cut:
+            warnings.warn(f"{cut} record(s) exceed the sentence embedder's {limit + 2} tokens ({self.name}): for their "
+                          "embeddings the prompt is cut from the start and the response kept", stacklevel=2)
+        return texts
+
     def encode(self, texts: list[str]) -> np.ndarray:
         """(n, d) float32, unit rows; cached on disk when `cache_dir` is set."""
         texts = list(texts)
@@ -68,6 +94,13 @@ class Embedder:
         key = content_hash(self.identity(), texts)
         path = cache_folder(self.cache_dir, "embeddings", key[:2]) / f"{key}.npy"
         return cached_array(path, lambda: self._encode(texts), dtype=np.float32)
+
+
+def encode_records(embedder, records: list[dict]) -> np.ndarray:
+    """Unit vectors of whole records, each fitted to the embedder's length (Embedder.record_texts);
+    an embedder without a length limit (e.g. a test stand-in) gets the plain record texts."""
+    fit = getattr(embedder, "record_texts", None)
+    return embedder.encode(fit(records) if fit else [record_text(r) for r in records])
 
 
 def cosine_kernel01(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from delift.records import record_prompt, record_text
+from delift.embeddings import encode_records
+from delift.records import record_prompt
 
 
 def nearest_demonstrations(queries: list[dict], selected: list[dict], embedder, k: int = 5) -> list[list[dict]]:
@@ -19,7 +20,7 @@ def nearest_demonstrations(queries: list[dict], selected: list[dict], embedder, 
     if not selected or k <= 0:
         return [[] for _ in queries]
     query_vectors = embedder.encode([record_prompt(q) for q in queries])
-    pool_vectors = embedder.encode([record_text(s) for s in selected])
+    pool_vectors = encode_records(embedder, selected)
     similarity = query_vectors @ pool_vectors.T
     k = min(k, len(selected))
     # A stable sort on -similarity keeps the subset order among equal similarities.

@@ -20,6 +20,7 @@ from delift.config import validate
 from delift.data import build_stage
 from delift.errors import DeliftInputError
 from delift.pipeline import run
+from delift.records import make_record
 from delift.tracking import kernel_metrics, run_tags
 from tests.helpers import CONF_DIR, compose_config, isolated_cache, run_cli, run_py
 from tests.test_wandb_run import OfflineRun, offline_wandb  # noqa: F401 - a fixture
@@ -339,7 +340,7 @@ def test_wandb_metric_names_have_no_doubled_segments_and_the_run_names_its_data(
 # -- the dry run's estimate against a real kernel ------------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.benchmark  # a wall-clock ratio (minutes of SmolLM2 kernel): make test ARGS='-m benchmark'
 def test_the_dry_run_estimate_is_within_2x_of_the_real_kernel_time(tmp_path):
     """On the default pool (stage=instruction: 28 records) and model (SmolLM2): the plan's estimate
     against task=kernel's measured `kernel` time (model load included in both), a fresh kernel cache."""
@@ -352,3 +353,17 @@ def test_the_dry_run_estimate_is_within_2x_of_the_real_kernel_time(tmp_path):
     print(f"estimated {plan['estimated_seconds']} s, real {real['timings']['kernel']} s, ratio {ratio:.2f}; "
           f"{plan['plan_lines']}")
     assert 0.5 <= ratio <= 2, (plan["plan_lines"], real["timings"])
+
+
+def test_sentence_embeddings_of_over_long_records_keep_the_response(tmp_path):
+    from delift.embeddings import Embedder
+
+    embedder = Embedder("all-MiniLM-L6-v2", packaged=True, cache_dir=str(tmp_path / "cache"))
+    long = make_record("long", "Answer.", "filler words " * 400, "the final answer is forty two", source="s")
+    short = make_record("short", "Answer.", "What is six times seven?", "forty two", source="s")
+    with pytest.warns(UserWarning, match="1 record.*prompt is cut from the start and the response kept"):
+        texts = embedder.record_texts([long, short])
+    assert texts[0].endswith("the final answer is forty two") and not texts[0].startswith("answer")
+    assert len(embedder.model.tokenizer(texts[0], add_special_tokens=False)["input_ids"]) <= \
+        embedder.model.max_seq_length - 2
+    assert texts[1] == "Answer.\nWhat is six times seven?\nforty two"

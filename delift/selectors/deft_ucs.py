@@ -25,7 +25,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 
 from delift.errors import DeliftInputError
-from delift.records import record_text
+from delift.embeddings import encode_records
 from delift.schema import Range
 from delift.selectors.base import Fraction, Selection, SelectionContext, Selector, register
 
@@ -138,7 +138,7 @@ class DeftUCSSelector(Selector):
         if ctx.embedder is None:
             raise DeliftInputError("DEFT-UCS needs a sentence embedder, and none is configured", field="embedder")
         budget = self.budget(len(ctx.pool))
-        embeddings = np.asarray(ctx.embedder.encode([record_text(r) for r in ctx.pool]), dtype=np.float64)
+        embeddings = np.asarray(encode_records(ctx.embedder, ctx.pool), dtype=np.float64)
         n_clusters = min(self.n_clusters, len(ctx.pool))  # k-means needs at least K points
         kmeans = KMeans(n_clusters=n_clusters, n_init=self.n_init, random_state=ctx.seed).fit(embeddings)
         indices, info = deft_ucs_select(embeddings, kmeans.labels_, kmeans.cluster_centers_, budget, self.alpha,

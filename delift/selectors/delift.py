@@ -15,11 +15,10 @@ import time
 import numpy as np
 import scipy.sparse as sp
 
-from delift.embeddings import cosine_kernel01
+from delift.embeddings import cosine_kernel01, encode_records
 from delift.errors import DeliftInputError
 from delift.objectives import (NORMALIZATIONS, SELF_UTILITIES, Backend, Missing, Normalization, Objective, SelfUtility,
                                maximize)
-from delift.records import record_text
 from delift.selectors.base import Fraction, Selection, SelectionContext, Selector, register
 
 DEVICE_KEYS = ("accelerator", "devices", "strategy", "num_nodes")
@@ -162,8 +161,8 @@ class DeliftSESelector(KernelObjectiveSelector):
     """DELIFT (SE): model-independent sentence-embedding similarity of whole records."""
 
     def pairwise(self, ctx, rows, cols, details):
-        vectors = ctx.embedder.encode([record_text(r) for r in rows])
-        columns = vectors if cols is None else ctx.embedder.encode([record_text(r) for r in cols])
+        vectors = encode_records(ctx.embedder, rows)
+        columns = vectors if cols is None else encode_records(ctx.embedder, cols)
         return cosine_kernel01(vectors, columns)
 
 

@@ -4,8 +4,9 @@ Each row gets its `k` nearest columns by cosine of record vectors, plus `random`
 other columns, so that the graph is not only local. Rows and columns may be different record sets
 (pool x target, pool x existing). Where they are one pool (`self_pairs`), every row's nearest
 column would be itself: the row's own pair (its self-utility, which the objectives include or
-exclude at selection time) is always in the graph, and the `k` nearest are k *other* columns. Record vectors are either the sentence embedder's (default) or
-the LLM's own mean-pooled last-layer hidden states (`features="model"`, one pass per record).
+exclude at selection time) is always in the graph, and the `k` nearest are k *other* columns.
+Record vectors are either the sentence embedder's (default) or the LLM's own mean-pooled
+last-layer hidden states (`features="model"`, one pass per record).
 
 Nearest neighbours come from faiss: an exact inner-product search (`IndexFlatIP`) up to
 `flat_max` columns, above that an IVF index whose coarse quantiser is trained by k-means with a
