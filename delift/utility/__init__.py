@@ -10,7 +10,7 @@ Public API
 ----------
 compute_kernel(model, tokenizer, rows, cols=None, *, template=None, engine="fast", batch_size=16,
                tile_size=64, cache_dir=None, max_length=1024, trainer_options=None,
-               model_identity=None, progress=True, knn_k=8, knn_random=0, features="embedder",
+               model_identity=None, progress=True, knn_k=32, knn_random=0, features="embedder",
                embedder=None, ann=None, proxy=None, seed=0, details=None, shard=None,
                num_shards=1) -> np.ndarray | csr_matrix | None
     Raw UF (float32, len(rows) x len(cols)), before normalisation; cols=None means cols = rows.

@@ -45,7 +45,7 @@ def seed_matters(engine: str, knn_random: int, n_cols: int, ann: Mapping) -> boo
 def compute_kernel(model, tokenizer, rows: Sequence[Mapping], cols: Sequence[Mapping] | None = None, *,
                    template=None, engine: str = "fast", batch_size: int = 16, tile_size: int = 64,
                    cache_dir=None, max_length: int = 1024, trainer_options: dict | None = None,
-                   model_identity: dict | None = None, progress: bool = True, knn_k: int = 8, knn_random: int = 0,
+                   model_identity: dict | None = None, progress: bool = True, knn_k: int = 32, knn_random: int = 0,
                    features: str = "embedder", embedder=None, ann: Mapping | None = None,
                    proxy: Mapping | None = None, seed: int = 0, details: dict | None = None,
                    shard: int | None = None, num_shards: int = 1):
@@ -140,7 +140,7 @@ PLAN_OPTIONS = ("template", "engine", "batch_size", "tile_size", "max_length", "
 
 def kernel_plan(model, tokenizer, rows: Sequence[Mapping], cols: Sequence[Mapping] | None = None, *, template=None,
                 engine: str = "fast", batch_size: int = 16, tile_size: int = 64, max_length: int = 1024,
-                knn_k: int = 8, knn_random: int = 0, features: str = "embedder", proxy: Mapping | None = None,
+                knn_k: int = 32, knn_random: int = 0, features: str = "embedder", proxy: Mapping | None = None,
                 seed: int = 0, calibration_batches: int = CALIBRATION_BATCHES) -> tuple[KernelPlan, dict]:
     """What `compute_kernel` with these options would do (pairs, passes, tiles) and its calibration
     on this machine (a discarded warm-up batch, then `calibration_batches` timed ones); computes no kernel."""

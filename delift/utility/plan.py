@@ -55,7 +55,7 @@ def sampled_row_count(n_rows: int, rows) -> int:
     return max(2, min(n_rows, count))
 
 
-def plan_kernel(n_rows: int, n_cols: int, *, engine: str, tile_size: int = 64, knn_k: int = 8, knn_random: int = 0,
+def plan_kernel(n_rows: int, n_cols: int, *, engine: str, tile_size: int = 64, knn_k: int = 32, knn_random: int = 0,
                 features: str = "embedder", proxy: dict | None = None, same_records: bool = True) -> KernelPlan:
     """The work of one kernel (n_rows x n_cols) with `engine`."""
     row_tiles = math.ceil(n_rows / tile_size)
