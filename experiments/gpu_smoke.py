@@ -6,8 +6,11 @@
 After every step that uses the model (the kernel's Trainer.predict, fine-tuning's Trainer.fit, SelectIT's
 ratings, LESS's warm-up, generation) it asserts that every parameter of the model is on the GPU: the
 device policy (delift.devices) puts the model back after Lightning's teardown moved it to CPU. It also
-checks that the fast and naive kernels agree within the model dtype's rounding, and that a Phi-3 style
-tokenizer (turns end in <|end|>, EOS <|endoftext|>) stops generation at its end-of-turn token.
+checks that the fast and naive kernels agree within the model dtype's rounding, that a Phi-3 style
+tokenizer (turns end in <|end|>, EOS <|endoftext|>) stops generation at its end-of-turn token, and real
+QLoRA: SmolLM2 loaded in 4-bit NF4 by bitsandbytes through delift's own loader, LoRA-trained with
+PEFT's k-bit preparation (the CPU tests can only check that call's contract), its loss going down while
+the 4-bit base weights stay as loaded, on the GPU throughout (`--skip-qlora` where bitsandbytes is absent).
 Where CUDA is absent it says so and exits 0. Exit status 1 if any check failed.
 """
 
@@ -195,10 +198,71 @@ def stop_check(cache_dir: str) -> tuple[str, bool, str]:
         return name, False, f"{type(err).__name__}: {err}"
 
 
+QLORA_RECORDS = [("What is the capital of France?", "Paris"), ("What colour is the sky on a clear day?", "Blue"),
+                 ("How many legs does a spider have?", "Eight"), ("Who wrote Hamlet?", "William Shakespeare"),
+                 ("What is 12 times 12?", "144"), ("What gas do plants absorb from the air?", "Carbon dioxide")]
+
+
+def qlora_check(cache_dir: str, scratch: Path) -> tuple[str, bool, str]:
+    """Real 4-bit QLoRA: SmolLM2 (converted from its GGUF into a transformers folder) loaded by
+    delift.models.HubModel with load_in_4bit=true (bitsandbytes NF4, placed on the GPU as it loads), then
+    delift.training.finetune (PEFT's prepare_model_for_kbit_training, LoRA, Lightning bf16-mixed)."""
+    from hydra.utils import instantiate
+
+    from delift.devices import is_quantized
+    from delift.models import HubModel
+    from delift.records import make_record
+    from delift.training import collate, encode_example, finetune
+
+    name = "QLoRA 4-bit training (bitsandbytes NF4 + LoRA)"
+    try:
+        import bitsandbytes as bnb
+
+        records = [make_record(f"toy/{i}", "Answer the question.", q, a, source="toy")
+                   for i, (q, a) in enumerate(QLORA_RECORDS)]
+        spec = instantiate(compose(["model=smollm2"], Path(cache_dir), cache_dir).model)
+        folder = spec.convert()  # a transformers folder: what a hub model is loaded from
+        loaded = HubModel(name=str(folder), dtype="bfloat16", load_in_4bit=True).load(DEVICE)
+        model = loaded.model
+        four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert is_quantized(model) and four_bit, "the model did not load in 4-bit"
+        assert on_gpu(model), "bitsandbytes did not place the 4-bit model on the GPU"
+        frozen = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+        def loss(m) -> float:
+            batch = collate([encode_example(loaded.tokenizer, r, 128) for r in records], loaded.tokenizer.pad_token_id)
+            with torch.no_grad():
+                return float(m(**{k: v.to(DEVICE) for k, v in batch.items()}).loss)
+
+        before = loss(model)
+        result = finetune(loaded, records, lora={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
+                          optim={"lr": 2e-3, "epochs": 4, "batch_size": 2, "max_length": 128},
+                          trainer_options={"enable_progress_bar": False}, output_dir=scratch / "qlora", seed=0,
+                          gradient_checkpointing=True)
+        after = loss(result.model)
+        assert on_gpu(result.model), "the QLoRA model left the GPU after fine-tuning"
+        assert (scratch / "qlora" / "adapter" / "adapter_model.safetensors").is_file(), "no adapter written"
+        # LoRA wraps each 4-bit layer (its `base_layer`): the packed NF4 weights are the ones loaded.
+        trained = {n.replace(".base_layer", ""): m.weight.detach()
+                   for n, m in result.model.get_base_model().named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+        assert trained.keys() == frozen.keys(), "4-bit layers lost or added in training"
+        changed = [n for n, weight in frozen.items() if not torch.equal(trained[n], weight)]
+        assert not changed, f"4-bit base weights changed in training: {changed[:3]}"
+        lora_b = [p for n, p in result.model.named_parameters() if "lora_B" in n]
+        assert lora_b and any(p.abs().sum() > 0 for p in lora_b), "the LoRA weights did not train"
+        assert after < before - 0.3, f"the loss did not go down: {before:.3f} -> {after:.3f}"
+        return name, True, (f"{len(four_bit)} Linear4bit layers, loss {before:.3f} -> {after:.3f}, "
+                            f"{torch.cuda.max_memory_allocated() / 2 ** 20:.0f} MiB peak")
+    except Exception as err:  # noqa: BLE001
+        traceback.print_exc()
+        return name, False, f"{type(err).__name__}: {err}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=["tiny_qwen2", "tiny_phi3", "smollm2"])
     parser.add_argument("--cache-dir", default=None, help="default: a fresh temporary folder (converted models too)")
+    parser.add_argument("--skip-qlora", action="store_true", help="no 4-bit QLoRA check (needs bitsandbytes)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_smoke: CUDA is not available on this machine; nothing was run.")
@@ -208,6 +272,9 @@ def main() -> int:
         cache_dir = args.cache_dir or str(Path(scratch) / "cache")
         outcomes = [stop_check(cache_dir)]
         print(f"{'ok ' if outcomes[0][1] else 'FAIL'} {outcomes[0][0]}: {outcomes[0][2]}", flush=True)
+        if not args.skip_qlora:
+            outcomes.append(qlora_check(cache_dir, Path(scratch)))
+            print(f"{'ok ' if outcomes[-1][1] else 'FAIL'} {outcomes[-1][0]}: {outcomes[-1][2]}", flush=True)
         outcomes += kernel_checks(args.models, cache_dir)
         outcomes += pipeline_checks(args.models, cache_dir, Path(scratch))
     failed = [name for name, ok, _ in outcomes if not ok]

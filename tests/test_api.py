@@ -11,6 +11,7 @@ from delift.errors import DeliftInputError
 from delift.records import make_record
 from delift.selectors import SELECTORS
 from delift.selectors.delift import DeliftSESelector
+from delift.utility import kernel as kernel_module
 from tests.helpers import CONF_DIR, isolated_cache
 
 QUESTIONS = ["capital of France", "colour of the sky", "legs of a spider", "author of Hamlet", "12 times 12",
@@ -38,16 +39,23 @@ def test_select_random_is_seeded_and_sized(tmp_path):
     assert len(first.indices) == 3 and first.indices == again.indices and first.indices != other.indices
 
 
-def test_select_delift_with_a_tiny_model_is_reproducible(tmp_path):
+def test_select_delift_with_a_tiny_model_is_reproducible(tmp_path, monkeypatch):
     cache = isolated_cache(tmp_path)
     pool = records(8)
     overrides = [f"paths.cache_dir={cache}", "kernel.batch_size=8"]
     selection = delift.select(pool, "delift", 0.5, model="tiny_qwen2", overrides=overrides, progress=False)
     assert len(selection.indices) == 4 and len(set(selection.indices)) == 4
     assert selection.info["objective"] == "fl"
-    # The cached kernel is the one the command computes; a second call reads it and picks the same.
-    assert delift.select(pool, "delift", 0.5, model="tiny_qwen2", overrides=overrides,
-                         progress=False).indices == selection.indices
+    (kernel_file,) = cache.glob("utility_kernel/*/kernel.npy")
+    # The cached kernel is the one the command computes; a second call reads it (computing a tile
+    # raises) and picks the same.
+    monkeypatch.setattr(kernel_module, "run_tiles", _no_kernel_computation)
+    again = delift.select(pool, "delift", 0.5, model="tiny_qwen2", overrides=overrides, progress=False)
+    assert again.indices == selection.indices and list(cache.glob("utility_kernel/*/kernel.npy")) == [kernel_file]
+
+
+def _no_kernel_computation(*args, **kwargs):
+    raise AssertionError("the kernel was computed again instead of read from the cache")
 
 
 def test_select_task_stage_uses_flmi_and_needs_a_target(tmp_path):

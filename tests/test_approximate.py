@@ -265,8 +265,8 @@ def test_pipeline_selects_with_an_approximate_engine_and_says_so(engine, options
     results = run(cfg)
     selection = json.loads((tmp_path / "first" / "selection.json").read_text())
     label = selection["info"]["kernel"]
-    assert label["engine"] == engine and label["approximation"] is True and label["knn_k"] == (4 if engine == "knn"
-                                                                                               else 8)
+    assert label["engine"] == engine and label["approximation"] is True
+    assert label["knn_k"] == (4 if engine == "knn" else cfg.kernel.knn_k)  # the proxy: the configured default
     assert (label.get("proxy") is not None) == (engine == "proxy") and label["missing"] == "neutral"
     report = results["kernel"]["kernel"]
     assert report["engine"] == engine and report["exact_pairs"] < report["all_pairs"]

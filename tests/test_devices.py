@@ -1,6 +1,7 @@
 """The device policy, the Trainer arguments it implies, generation's stop ids, rank-0-only writing,
 QLoRA's preparation and gradient checkpointing (what can be checked on a CPU)."""
 
+import contextlib
 import copy
 import importlib.util
 from pathlib import Path
@@ -23,7 +24,9 @@ gpu_smoke = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gpu_smoke)
 
 
-def test_auto_is_cpu_here_and_cuda_without_cuda_is_a_clear_error():
+def test_auto_is_cuda_where_present_else_cpu_and_cuda_without_cuda_is_a_clear_error(monkeypatch):
+    # Both sides of the policy on any machine: CUDA's presence is patched, not read.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert devices.resolve_device("auto") == torch.device("cpu")
     assert devices.resolve_device(None) == torch.device("cpu")
     with pytest.raises(DeliftInputError, match="needs CUDA") as err:
@@ -31,6 +34,35 @@ def test_auto_is_cpu_here_and_cuda_without_cuda_is_a_clear_error():
     assert err.value.field == "device"
     with pytest.raises(DeliftInputError, match="unknown device"):
         devices.resolve_device("gpu-please")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert devices.resolve_device("auto") == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "3")  # under DDP: the local rank's GPU
+    assert devices.resolve_device(None) == torch.device("cuda", 1)
+    assert devices.resolve_device("cuda:1") == torch.device("cuda", 1)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_kept_in_place_moves_the_model_back_to_where_it_was(fails, monkeypatch):
+    """A spy on the model's own `to`: after the Trainer call (which may fail) the model goes back to the
+    device it was on before, here a (pretended) second GPU, whatever the call did to it."""
+    model = torch.nn.Linear(2, 2)
+    moves = []
+    monkeypatch.setattr(model, "to", lambda *args, **kwargs: moves.append(args or tuple(kwargs.values())) or model)
+    monkeypatch.setattr(devices, "model_device", lambda m: torch.device("cuda", 1))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(RuntimeError, match="trainer broke") if fails else contextlib.nullcontext():
+        with devices.kept_in_place(model):
+            assert moves == []  # nothing moves before the call
+            if fails:
+                raise RuntimeError("trainer broke")
+    assert moves == [(torch.device("cuda", 1),)]
+    model.is_loaded_in_4bit = True  # bitsandbytes placed it when it loaded: never moved
+    with devices.kept_in_place(model):
+        pass
+    assert moves == [(torch.device("cuda", 1),)]
 
 
 def test_trainer_follows_the_models_device_and_precision(monkeypatch):
@@ -156,8 +188,11 @@ def test_a_rank_other_than_zero_writes_nothing(monkeypatch, tmp_path):
     assert evaluated == {"rank_zero": False} and not out.exists()
 
 
-def test_qlora_prepares_a_4bit_model(monkeypatch, tiny_qwen2):
-    """bitsandbytes needs CUDA, so a stand-in flag marks the model 4-bit; PEFT's preparation must run."""
+def test_qlora_call_contract_peft_kbit_preparation_is_called_on_a_4bit_flagged_model(monkeypatch, tiny_qwen2):
+    """The call contract only: bitsandbytes needs CUDA, so a stand-in flag marks the model 4-bit and PEFT's
+    preparation is a stub; this checks that delift calls it, with which arguments, and never moves the model.
+    Real 4-bit QLoRA training (bitsandbytes NF4 weights, a LoRA step, the loss going down) is checked on a
+    GPU by experiments/gpu_smoke.py."""
     import peft
 
     calls = []

@@ -12,6 +12,9 @@ from delift.errors import DeliftInputError
 from delift.utility.proxy import (CACHE_KIND, META_FILE, PROXY_DEFAULTS, WEIGHTS_FILE, FittedProxy, ProxyNetwork,
                                   fit_proxy, resolve_config, split_pairs)
 
+# One xdist worker takes the whole module (make test: --dist loadgroup): its module fixture is computed once.
+pytestmark = pytest.mark.xdist_group("test_proxy")
+
 DIM = 16
 # Few epochs keep the file fast; the synthetic utility is smooth enough to learn in them.
 FAST = {"batch_size": 128, "max_epochs": 25, "patience": 5}

@@ -12,6 +12,9 @@ from delift.records import make_record
 from delift.utility import UtilityTemplate, compute_kernel, engine
 from delift.utility.formatting import UtilityInputs
 
+# One xdist worker takes the whole module (make test: --dist loadgroup): its module fixture is computed once.
+pytestmark = pytest.mark.xdist_group("test_rotary")
+
 RECORDS = [make_record(f"r{i}", "Answer.", "Why? " * (1 + 5 * (i % 3)), "Because " * (1 + 4 * (i % 2)) + "so.")
            for i in range(6)]
 

@@ -2,13 +2,12 @@
 killed mid-job and rerun with its old sweep dir computes only what did not finish."""
 
 import json
-import os
 import signal
 import subprocess
-import time
 
 from delift.pipeline import run
-from tests.helpers import compose_config, run_py, run_py_invocation
+from tests.helpers import HANG_GUARD_S, compose_config, run_cli, run_py_invocation
+from tests.hooks import JOB_VARIABLE, STEP_VARIABLE
 
 SELECT = ["task=select", "selector=random", "logger=csv"]
 
@@ -35,34 +34,25 @@ def test_same_config_skipped_other_config_or_unfinished_run_recomputed(tmp_path)
     assert (folder / "results.json").exists()
 
 
-def _kill_after_first_job(args, cwd, timeout=600):
-    """Start `python run.py ARGS`, SIGKILL its whole process group once the first job's results.json exists."""
-    argv, env = run_py_invocation(args)
-    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.monotonic() + timeout
-    try:
-        while not list(cwd.glob("outputs/multiruns/*/*/0_*/results.json")):
-            assert proc.poll() is None, "the grid ended before its first job finished"
-            assert time.monotonic() < deadline, "the first job did not finish in time"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+GRID = ["-m", "model=tiny_qwen2", "selector=random", "seed=0,1,2", "trainer.max_steps=1", "eval.max_new_tokens=2",
+        "progress=false", "logger=csv", "trainer.callbacks=[{_target_:tests.hooks.SigkillAt}]"]
 
 
-def test_killed_multirun_continued_in_its_sweep_dir_runs_only_unfinished_jobs(tmp_path):
-    grid = ["-m", "model=tiny_qwen2", "selector=random", "seed=0,1,2", "trainer.max_steps=1",
-            "eval.max_new_tokens=2", "progress=false", "logger=csv"]
-    _kill_after_first_job(grid, tmp_path)
+def test_killed_multirun_continued_in_its_sweep_dir_runs_only_unfinished_jobs(tmp_path, monkeypatch):
+    # `python run.py -m`, SIGKILLed by the test hook as the second job (job 1) starts fine-tuning; the hook is
+    # armed by the environment, so the rerun's config is the same.
+    argv, env = run_py_invocation(GRID, {STEP_VARIABLE: "0", JOB_VARIABLE: "1"})
+    killed = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     (sweep,) = (tmp_path / "outputs" / "multiruns").glob("*/*")
     jobs = sorted((p for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit()), key=lambda p: p.name)
     finished = [job for job in jobs if (job / "results.json").exists()]
-    # Killed while the second job ran (its folder may hold a partial run, never results.json, written last).
-    assert [job.name[0] for job in finished] == ["0"] and len(jobs) <= 2
+    # Killed while the second job trained: its folder holds a partial run, never results.json (written last).
+    assert [job.name[0] for job in finished] == ["0"] and [job.name[0] for job in jobs] == ["0", "1"]
+    assert (jobs[1] / "selection.json").exists()
     kept = _mtimes(finished[0])
 
-    proc = run_py([*grid, f"hydra.sweep.dir={sweep}", "skip_done=true"], cwd=tmp_path)
+    proc = run_cli([*GRID, f"hydra.sweep.dir={sweep}", "skip_done=true"], tmp_path, monkeypatch)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     assert log.count("Skipped:") == 1 and f"{finished[0]} already holds the results of this config" in log

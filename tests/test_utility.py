@@ -23,6 +23,9 @@ from delift.utility import kernel as kernel_module
 from delift.utility.engine import FORCE_GQA, BlockCache, shared_heads
 from delift.utility.formatting import UtilityInputs
 
+# One xdist worker takes the whole module (make test: --dist loadgroup): its module fixture is computed once.
+pytestmark = pytest.mark.xdist_group("test_utility")
+
 ANSWER = "The secret code word is quartz-falcon."
 # Row 1's demonstration carries row 0's answer under another question: the orientation check.
 RECORDS = [

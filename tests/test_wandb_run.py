@@ -15,7 +15,7 @@ from wandb.proto import wandb_internal_pb2
 
 import delift.pipeline
 from delift.pipeline import run
-from tests.helpers import compose_config, isolated_cache
+from tests.helpers import compose_config, fresh_cache, isolated_cache
 
 TINY = ["model=tiny_qwen2", "trainer.max_steps=2", "eval.max_new_tokens=4"]
 
@@ -92,46 +92,77 @@ def entries(artifact) -> dict[str, object]:
     return {entry.path: entry for entry in artifact.manifest.contents}
 
 
-@pytest.fixture
-def offline_wandb(tmp_path, monkeypatch):
-    """W&B offline, with its own home folders (no staging, cache or settings under ~)."""
+def _offline_wandb(monkeypatch, home: Path) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     for variable in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
-        monkeypatch.setenv(variable, str(tmp_path / "wandb_home"))
+        monkeypatch.setenv(variable, str(home))
 
 
-def test_run_job_logs_name_tags_timings_selection_kernel_adapter_and_plots(tmp_path, offline_wandb):
-    output_dir = tmp_path / "job"
-    results = run(compose_config(["selector=delift", *TINY], output_dir=output_dir))
-    wandb_run = OfflineRun.of(output_dir)
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """W&B offline, with its own home folders (no staging, cache or settings under ~)."""
+    _offline_wandb(monkeypatch, tmp_path / "wandb_home")
 
+
+@dataclass
+class Job:
+    output_dir: Path
+    results: dict
+    wandb_run: OfflineRun
+
+
+@pytest.fixture(scope="module")
+def delift_job(tmp_path_factory) -> Job:
+    """One tiny run job (selector=delift, a fresh cache, offline W&B) whose outputs the tests below only read."""
+    folder = tmp_path_factory.mktemp("delift_job")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _offline_wandb(monkeypatch, folder / "wandb_home")
+        output_dir = folder / "job"
+        results = run(compose_config(["selector=delift", *TINY], output_dir=output_dir,
+                                     cache_dir=fresh_cache(folder / "cache")))
+        return Job(output_dir, results, OfflineRun.of(output_dir))
+
+
+def test_run_job_names_and_tags_its_run_and_ends_it_with_exit_status_0(delift_job):
+    wandb_run = delift_job.wandb_run
     assert wandb_run.info.display_name == "instruction-delift-seed0" and wandb_run.info.job_type == "run"
     assert set(wandb_run.info.tags) == {"stage:instruction", "selector:delift", "model:tiny-qwen2",
                                         "experiment:instruction", "engine:fast", "data:trivia+mmlu+gsm8k"}
     assert wandb_run.exit_code == 0
 
-    artifacts = wandb_run.artifacts()
-    selection_at, selection = artifacts["selection-instruction-delift-seed0"]
+
+def test_run_job_logs_its_selection_as_the_run_folders_own_files(delift_job):
+    output_dir, wandb_run = delift_job.output_dir, delift_job.wandb_run
+    _, selection = wandb_run.artifacts()["selection-instruction-delift-seed0"]
     assert selection.type == "dataset"
     files = entries(selection)
     assert set(files) == {"selection.json", "subset.jsonl"}
     for name, entry in files.items():  # the run folder's own files, not copies
         assert Path(entry.local_path) == output_dir / name and entry.size == (output_dir / name).stat().st_size
     subset = (output_dir / "subset.jsonl").read_text().splitlines()
-    assert len(subset) == results["n_selected"] == wandb_run.logged("selection/n_selected")[0] == 8
+    assert len(subset) == delift_job.results["n_selected"] == wandb_run.logged("selection/n_selected")[0] == 8
 
+
+def test_run_job_logs_its_kernel_and_adapter(delift_job):
+    artifacts = delift_job.wandb_run.artifacts()
     _, kernel = artifacts["kernel-instruction-delift-seed0"]
     assert kernel.type == "kernel" and set(entries(kernel)) == {"kernel.png", "kernel.npy"}
-    assert np.load(output_dir / "kernel.npy").shape == (28, 28)
+    assert np.load(delift_job.output_dir / "kernel.npy").shape == (28, 28)
     _, adapter = artifacts["adapter-instruction-delift-seed0"]
     assert adapter.type == "model" and {"adapter_config.json", "adapter_model.safetensors"} <= set(entries(adapter))
 
-    for plot in ("kernel", "gains", "source_mix"):
-        assert (output_dir / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        (logged,) = wandb_run.logged(f"plots/{plot}.path")
-        assert (wandb_run.folder / "files" / logged).is_file()
 
+def test_run_job_logs_its_plots(delift_job):
+    for plot in ("kernel", "gains", "source_mix"):
+        assert (delift_job.output_dir / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        (logged,) = delift_job.wandb_run.logged(f"plots/{plot}.path")
+        assert (delift_job.wandb_run.folder / "files" / logged).is_file()
+
+
+def test_run_job_logs_timings_as_each_step_ends_and_its_metrics(delift_job):
+    wandb_run, results = delift_job.wandb_run, delift_job.results
+    selection_at, _ = wandb_run.artifacts()["selection-instruction-delift-seed0"]
     # Timings land as each step ends, around the selection: not all at the end of the job.
     assert wandb_run.first_logged_at("time/select") < selection_at < wandb_run.first_logged_at("time/finetune")
     assert wandb_run.logged("time/total") == [results["timings"]["total"]]

@@ -1,10 +1,13 @@
-"""Bad input through the real entry point: one error line naming file/record/field, exit 2, no traceback."""
+"""Bad input through the real entry point: one error line naming file/record/field, exit 2, no traceback.
+
+The command (delift.cli.main, what run.py runs) is called in-process (`run_cli`); one case goes through
+`python run.py` to show the same holds for the process: its exit status and its stderr."""
 
 import json
 
 import pytest
 
-from tests.helpers import run_py
+from tests.helpers import run_cli, run_py
 
 GOOD = [{"id": f"r{i}", "instruction": "Answer.", "input": f"What is {i} + {i}?", "output": str(2 * i)}
         for i in range(40)]
@@ -41,45 +44,55 @@ BAD_FILES = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_FILES))
-def test_bad_data_file(case, tmp_path):
+def test_bad_data_file(case, tmp_path, monkeypatch):
     lines, needles = BAD_FILES[case]
     path = _write(tmp_path / f"{case}.jsonl", lines)
-    proc = run_py(_pool_args(path) + [f"paths.log_dir={tmp_path}"], cwd=tmp_path)
+    proc = run_cli(_pool_args(path) + [f"paths.log_dir={tmp_path}"], tmp_path, monkeypatch)
     _assert_one_line_error(proc, *needles)
     if case != "empty_pool":
         assert str(path) in proc.stderr
 
 
+def test_bad_data_file_through_run_py_exits_2_with_one_error_line(tmp_path):
+    """The process contract, once: exit status 2, one `delift: error:` line naming the file and line, no traceback."""
+    lines, needles = BAD_FILES["malformed_line"]
+    path = _write(tmp_path / "malformed.jsonl", lines)
+    proc = run_py(_pool_args(path) + [f"paths.log_dir={tmp_path}"], cwd=tmp_path)
+    _assert_one_line_error(proc, str(path), *needles)
+    assert not list(tmp_path.rglob("selection.json"))
+
+
 @pytest.mark.parametrize("fraction", ["0", "1.5"])
-def test_bad_budget(fraction, tmp_path):
+def test_bad_budget(fraction, tmp_path, monkeypatch):
     path = _write(tmp_path / "good.jsonl", [json.dumps(r) for r in GOOD])
-    proc = run_py(_pool_args(path) + [f"selector.fraction={fraction}",
-                                       f"paths.log_dir={tmp_path}"], cwd=tmp_path)
+    proc = run_cli(_pool_args(path) + [f"selector.fraction={fraction}", f"paths.log_dir={tmp_path}"], tmp_path,
+                   monkeypatch)
     _assert_one_line_error(proc, "selector.fraction")
 
 
 @pytest.mark.parametrize("override,needle", [("model=no_such_model", "model"),
                                              ("dataset@stage.roles.pool.trivia=no_such_data", "no_such_data")])
-def test_unknown_names(override, needle, tmp_path):
-    proc = run_py([override, "task=select", f"paths.log_dir={tmp_path}"], cwd=tmp_path)
-    assert proc.returncode != 0
-    assert needle in proc.stderr and "Traceback" not in proc.stderr
+def test_unknown_names(override, needle, tmp_path, monkeypatch):
+    proc = run_cli([override, "task=select", f"paths.log_dir={tmp_path}"], tmp_path, monkeypatch)
+    _assert_one_line_error(proc, needle)
 
 
-def test_missing_model_path(tmp_path):
-    proc = run_py(["model=phi3", f"model.name={tmp_path}/nowhere", "selector=initial", "logger=csv",
-                    f"paths.log_dir={tmp_path}"], cwd=tmp_path)
+def test_missing_model_path(tmp_path, monkeypatch):
+    proc = run_cli(["model=phi3", f"model.name={tmp_path}/nowhere", "selector=initial", "logger=csv",
+                    f"paths.log_dir={tmp_path}"], tmp_path, monkeypatch)
     _assert_one_line_error(proc, "nowhere", "model.name")
 
 
-def test_earlier_run_directory_untouched(tmp_path):
+def test_earlier_run_directory_untouched(tmp_path, monkeypatch):
     good = _write(tmp_path / "good.jsonl", [json.dumps(r) for r in GOOD])
-    assert run_py(_pool_args(good) + [f"paths.log_dir={tmp_path}"], cwd=tmp_path).returncode == 0
+    assert run_cli(_pool_args(good) + [f"paths.log_dir={tmp_path}"], tmp_path, monkeypatch).returncode == 0
     (earlier,) = [p for p in (tmp_path / "runs").glob("*/*")]
-    before = {p: p.stat().st_mtime_ns for p in earlier.rglob("*")}
+    # lstat: W&B links logs/debug-core.log to its service's log elsewhere, which is not the run directory.
+    before = {p: p.lstat().st_mtime_ns for p in earlier.rglob("*")}
     bad = _write(tmp_path / "bad.jsonl", ["not json"])
-    _assert_one_line_error(run_py(_pool_args(bad) + [f"paths.log_dir={tmp_path}"], cwd=tmp_path), "line 1")
-    assert {p: p.stat().st_mtime_ns for p in earlier.rglob("*")} == before
+    _assert_one_line_error(run_cli(_pool_args(bad) + [f"paths.log_dir={tmp_path}"], tmp_path, monkeypatch),
+                           "line 1")
+    assert {p: p.lstat().st_mtime_ns for p in earlier.rglob("*")} == before
 
 
 # In-process: the same DeliftInputError run.py turns into its one error line (see the tests above).
@@ -130,10 +143,9 @@ def test_empty_target(tmp_path):
 
 
 @pytest.mark.parametrize("override", ["selector=no_such_selector", "stage=no_such_stage"])
-def test_unknown_selector_or_stage(override, tmp_path):
-    proc = run_py([override, "task=select", f"paths.log_dir={tmp_path}"], cwd=tmp_path)
-    assert proc.returncode != 0
-    assert override.split("=")[1] in proc.stderr and "Traceback" not in proc.stderr
+def test_unknown_selector_or_stage(override, tmp_path, monkeypatch):
+    proc = run_cli([override, "task=select", f"paths.log_dir={tmp_path}"], tmp_path, monkeypatch)
+    _assert_one_line_error(proc, override.split("=")[1])
 
 
 def test_record_far_longer_than_the_context_is_truncated_not_fatal(tmp_path):

@@ -2,18 +2,17 @@
 
 import json
 import math
-import os
 import signal
 import subprocess
-import sys
-import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
+from delift.pipeline import run
 from delift.training import finetune
-from tests.conftest import MODEL_CACHE
-from tests.helpers import ROOT, run_py
+from tests.helpers import HANG_GUARD_S, compose_config, run_py_invocation
+from tests.hooks import STEP_VARIABLE, TrainStart
 from tests.test_training import LORA, _fresh_tiny
 
 OPTIM = {"lr": 1e-3, "epochs": 3, "batch_size": 2, "max_length": 128}
@@ -37,10 +36,8 @@ def test_resumed_training_equals_uninterrupted(smollm2_spec, toy_records, tmp_pa
                         output_dir=folder, seed=0, resume=resume, checkpoint_every_n_steps=1)
 
     run(tmp_path / "whole")
-    try:
+    with pytest.raises(CrashAtStep):
         run(tmp_path / "cut", crash=True)
-    except CrashAtStep:
-        pass
     assert torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
     run(tmp_path / "cut", resume=True)
     whole = load_file(str(tmp_path / "whole" / "adapter" / "adapter_model.safetensors"))
@@ -49,29 +46,27 @@ def test_resumed_training_equals_uninterrupted(smollm2_spec, toy_records, tmp_pa
     assert all(torch.allclose(whole[k], resumed[k], atol=1e-6) for k in whole)
 
 
+KILL_AT_STEP = 10  # mid-epoch 2 of 2 (7 steps per epoch)
+
+
 def test_sigkill_then_resume_true_continues(tmp_path):
+    """`python run.py` SIGKILLed by a test hook as step 11 starts (step 10's checkpoint on disk), then the
+    same config with resume=true (in-process) trains from step 10 to the end."""
     run_dir = tmp_path / "run"
-    args = ["model=tiny_qwen2", "selector=full", "train.optim.epochs=6", "train.checkpoint_every_n_steps=1",
-            "eval.max_new_tokens=2", "logger=csv", "progress=false", f"hydra.run.dir={run_dir}"]
-    env = dict(os.environ, DELIFT_CACHE_DIR=MODEL_CACHE)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    overrides = ["model=tiny_qwen2", "selector=full", "train.optim.epochs=2", "train.checkpoint_every_n_steps=1",
+                 "eval.max_new_tokens=2", "logger=csv", "progress=false",
+                 "trainer.callbacks=[{_target_:tests.hooks.SigkillAt},{_target_:tests.hooks.TrainStart}]"]
+    argv, env = run_py_invocation([*overrides, f"hydra.run.dir={run_dir}"], {STEP_VARIABLE: str(KILL_AT_STEP)})
+    killed = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     last = run_dir / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if last.exists() and torch.load(last, weights_only=True)["global_step"] >= 10:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "training finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    step_at_kill = torch.load(last, weights_only=True)["global_step"]
+    assert torch.load(last, weights_only=True)["global_step"] == KILL_AT_STEP
     assert not (run_dir / "results.json").exists()
 
-    resumed = run_py([*args, "resume=true"], cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "Restoring states from the checkpoint" in resumed.stderr + resumed.stdout
+    TrainStart.starts.clear()
+    results = run(compose_config([*overrides, "resume=true"], output_dir=run_dir))
+    assert TrainStart.starts == [KILL_AT_STEP]  # continued from the checkpoint, not from step 0
     selected = len(json.loads((run_dir / "selection.json").read_text())["indices"])
-    expected_steps = 6 * math.ceil(selected / 4)  # 6 epochs, batch size 4
-    assert torch.load(last, weights_only=True)["global_step"] == expected_steps > step_at_kill
-    assert (run_dir / "results.json").exists()
+    expected_steps = 2 * math.ceil(selected / 4)  # 2 epochs, batch size 4
+    assert torch.load(last, weights_only=True)["global_step"] == expected_steps > KILL_AT_STEP
+    assert (run_dir / "results.json").exists() and results["n_selected"] == selected

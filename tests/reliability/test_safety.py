@@ -5,7 +5,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from tests.helpers import CONF_DIR, ROOT, run_py
+from tests.helpers import CONF_DIR, ROOT, run_cli
 
 SOURCES = sorted([*(ROOT / "delift").rglob("*.py"), ROOT / "run.py", *(ROOT / "experiments").glob("*.py")])
 
@@ -35,9 +35,15 @@ FAKE_SECRETS = {"WANDB_API_KEY": "fake-wandb-key-0123456789abcdef0123456789abcde
                 "OPENAI_API_KEY": "sk-fakeOpenAIKey0123456789", "DELIFT_TEST_SECRET": "s3cr3t-value-never-logged"}
 
 
-def test_no_secret_reaches_logs_configs_run_directory_or_wandb(tmp_path):
-    proc = run_py(["model=tiny_qwen2", "selector=random", "trainer.max_steps=1", "eval.max_new_tokens=2",
-                   "eval.mode=both", "progress=false", f"paths.log_dir={tmp_path}"], cwd=tmp_path, env_extra=FAKE_SECRETS)
+def test_no_secret_reaches_logs_configs_run_directory_or_wandb(tmp_path, monkeypatch):
+    import wandb
+
+    for name, value in FAKE_SECRETS.items():
+        monkeypatch.setenv(name, value)
+    wandb.teardown()  # W&B's service process starts afresh, with the secrets in its environment too
+    proc = run_cli(["model=tiny_qwen2", "selector=random", "trainer.max_steps=1", "eval.max_new_tokens=2",
+                    "eval.mode=both", "progress=false", f"paths.log_dir={tmp_path}"], tmp_path, monkeypatch)
+    wandb.teardown()  # every W&B file written
     assert proc.returncode == 0, proc.stderr[-2000:]
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any("wandb" in p.parts for p in files) and any(p.name == "results.json" for p in files)
