@@ -14,7 +14,8 @@ from delift.generation import weighted_mean_pooled_states
 from delift.models import LoadedModel
 from delift.records import make_record
 from delift.selectors import SELECTORS, SelectionContext, rds
-from delift.selectors.baselines import LongestSelector, RandomBalancedSelector, proportional_quotas
+from delift.data.stages import proportional_quotas
+from delift.selectors.baselines import LongestSelector, RandomBalancedSelector
 from delift.selectors.rds import RDSSelector, round_robin_select
 from delift.training import encode_example
 from tests.helpers import compose_config, isolated_cache

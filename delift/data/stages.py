@@ -285,18 +285,28 @@ def _cap_pool(stage: str, size, data: dict, seed: int) -> None:
     data["pool"] = [r for i, r in enumerate(data["pool"]) if i in picked]
 
 
+def proportional_quotas(counts: dict[str, int], size: int) -> dict[str, int]:
+    """Split `size` over sources in proportion to `counts` by largest remainder: each source gets
+    floor(size * count / n), and the units left go to the largest fractional parts, equal parts to
+    the source listed first (dict order)."""
+    n = sum(counts.values())
+    # Integer arithmetic: remainders compare exactly, so ties are real ties.
+    quotas = {source: size * count // n for source, count in counts.items()}
+    remainders = {source: size * count % n for source, count in counts.items()}
+    order = list(counts)
+    left = size - sum(quotas.values())
+    for source in sorted(order, key=lambda s: (-remainders[s], order.index(s)))[:left]:
+        quotas[source] += 1
+    return quotas
+
+
 def _stratified_sample(records: list[dict], size: int, seed: int, key: str) -> set[int]:
     """Indices of `size` records, each source getting its proportional share (largest remainder),
     sampled with the seed within the source: small holdouts keep the pool's mix of sources."""
     by_source: dict[str, list[int]] = {}
     for index, record in enumerate(records):
         by_source.setdefault(record["source"], []).append(index)
-    quotas = {source: size * len(indices) / len(records) for source, indices in by_source.items()}
-    shares = {source: int(quota) for source, quota in quotas.items()}
-    # Leftover slots go to the largest remainders; sorted() is stable, so ties keep the source order.
-    by_remainder = sorted(quotas, key=lambda source: quotas[source] - shares[source], reverse=True)
-    for source in by_remainder[: size - sum(shares.values())]:
-        shares[source] += 1
+    shares = proportional_quotas({source: len(indices) for source, indices in by_source.items()}, size)
     return {index for source, indices in by_source.items()
             for index in random.Random(f"{seed}/{key}/{source}").sample(indices, shares[source])}
 

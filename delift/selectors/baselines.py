@@ -7,23 +7,9 @@ from __future__ import annotations
 import numpy as np
 
 from delift.cache import content_hash
+from delift.data.stages import proportional_quotas
 from delift.generation import response_token_lengths
 from delift.selectors.base import Selection, SelectionContext, Selector, register
-
-
-def proportional_quotas(counts: dict[str, int], budget: int) -> dict[str, int]:
-    """Split `budget` over sources in proportion to `counts` by largest remainder: each source gets
-    floor(budget * count / n), and the units left go to the largest fractional parts, equal parts
-    to the source listed first (dict order)."""
-    n = sum(counts.values())
-    # Integer arithmetic: remainders compare exactly, so ties are real ties.
-    quotas = {source: budget * count // n for source, count in counts.items()}
-    remainders = {source: budget * count % n for source, count in counts.items()}
-    order = list(counts)
-    left = budget - sum(quotas.values())
-    for source in sorted(order, key=lambda s: (-remainders[s], order.index(s)))[:left]:
-        quotas[source] += 1
-    return quotas
 
 
 def source_rng(seed: int, source: str) -> np.random.Generator:
