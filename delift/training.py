@@ -171,9 +171,12 @@ class LoRAFineTuner(L.LightningModule):
         # Lightning replays a resumed epoch from its first batch; skip the batches already trained on.
         trainer, loader = self.trainer, self.trainer.train_dataloader
         if isinstance(loader.sampler, EpochSeededShuffle):
-            done = (trainer.global_step * trainer.accumulate_grad_batches
-                    - trainer.current_epoch * trainer.num_training_batches)
-            loader.sampler.skip = max(0, done) * loader.batch_size * trainer.world_size
+            # An epoch ends with an optimizer step even when its last accumulation is short.
+            batches = trainer.num_training_batches
+            steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+            steps_this_epoch = trainer.global_step - trainer.current_epoch * steps_per_epoch
+            done = min(batches, max(0, steps_this_epoch * trainer.accumulate_grad_batches))
+            loader.sampler.skip = done * loader.batch_size * trainer.world_size
 
     def on_save_checkpoint(self, checkpoint):
         # Resumable checkpoints carry the adapter only, not the frozen base model.

@@ -67,6 +67,29 @@ def test_finetune_learns_and_writes_adapter_and_epoch_checkpoints(smollm2_spec, 
     assert all(torch.all(v >= 0) for k, v in moments.items() if k.startswith("exp_avg_sq/"))
 
 
+def test_every_epoch_trains_on_every_batch_when_accumulation_does_not_divide_them(smollm2_spec, toy_records,
+                                                                                   tmp_path):
+    """6 records, batch 2, grad_accum 2: 3 batches and 2 optimizer steps per epoch (the last one short).
+    The second epoch once skipped a batch, and with grad_accum above the batches (LESS's warm-up of a
+    small pool) every batch, leaving no learning rate to average."""
+    import lightning as L
+
+    seen = []
+
+    class CountBatches(L.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            seen.append(trainer.current_epoch)
+
+    result = finetune(_fresh_tiny(smollm2_spec), toy_records, lora=LORA,
+                      optim={"lr": 5e-3, "epochs": 2, "batch_size": 2, "grad_accum": 2, "max_length": 128},
+                      trainer_options={"enable_progress_bar": False, "accelerator": "cpu",
+                                       "callbacks": [CountBatches()]},
+                      output_dir=tmp_path, seed=0, save_epoch_checkpoints=True)
+    assert seen == [0, 0, 0, 1, 1, 1]
+    assert json.loads((result.epoch_checkpoints[-1] / "state.json").read_text())["step"] == 4
+    assert result.epoch_lrs == [pytest.approx(5e-3)] * 2
+
+
 def test_finetune_is_seeded(smollm2_spec, toy_records, tmp_path):
     def adapter(seed, folder):
         loaded = _fresh_tiny(smollm2_spec)

@@ -22,23 +22,26 @@ class CrashAtStep(Exception):
     pass
 
 
-def test_resumed_training_equals_uninterrupted(smollm2_spec, toy_records, tmp_path):
+# 3 batches per epoch: grad_accum 1 gives 3 steps per epoch, grad_accum 2 gives 2 (the last one short);
+# the crash step is mid-epoch 2 either way.
+@pytest.mark.parametrize("grad_accum, crash_step", [(1, 4), (2, 3)])
+def test_resumed_training_equals_uninterrupted(smollm2_spec, toy_records, tmp_path, grad_accum, crash_step):
     import lightning as L
 
     class Crash(L.Callback):
         def on_train_batch_start(self, trainer, *args):
-            if trainer.global_step == 4:  # mid-epoch 2 (3 steps per epoch)
+            if trainer.global_step == crash_step:
                 raise CrashAtStep
 
     def run(folder, resume=False, crash=False):
         options = {"enable_progress_bar": False, "accelerator": "cpu", "callbacks": [Crash()] if crash else []}
-        return finetune(_fresh_tiny(smollm2_spec), toy_records, lora=LORA, optim=OPTIM, trainer_options=options,
-                        output_dir=folder, seed=0, resume=resume, checkpoint_every_n_steps=1)
+        return finetune(_fresh_tiny(smollm2_spec), toy_records, lora=LORA, optim=OPTIM | {"grad_accum": grad_accum},
+                        trainer_options=options, output_dir=folder, seed=0, resume=resume, checkpoint_every_n_steps=1)
 
     run(tmp_path / "whole")
     with pytest.raises(CrashAtStep):
         run(tmp_path / "cut", crash=True)
-    assert torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == crash_step
     run(tmp_path / "cut", resume=True)
     whole = load_file(str(tmp_path / "whole" / "adapter" / "adapter_model.safetensors"))
     resumed = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
