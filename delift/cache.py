@@ -34,11 +34,11 @@ def records_hash(records) -> str:
 
 def default_cache_dir() -> Path:
     """$DELIFT_CACHE_DIR, else ~/.cache/delift: conf/paths' default, for scripts run outside Hydra."""
-    return Path(os.environ.get("DELIFT_CACHE_DIR", Path.home() / ".cache" / "delift"))
+    return Path(os.environ.get("DELIFT_CACHE_DIR", Path.home() / ".cache" / "delift")).expanduser()
 
 
 def cache_folder(cache_dir, kind: str, key: str) -> Path:
-    folder = Path(cache_dir) / kind / key
+    folder = Path(cache_dir).expanduser() / kind / key  # paths.cache_dir=~/... is the user's home, not ./~
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

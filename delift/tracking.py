@@ -201,7 +201,7 @@ class Tracker:
                 save_npy(self.output_dir / f"{name}.npy", np.asarray(kernel))
                 artifact.add_file(str(self.output_dir / f"{name}.npy"), policy="immutable")
                 embedded.add(name)
-        cache = Path(self.cache_dir) / CACHE_KIND if self.cache_dir else None
+        cache = Path(self.cache_dir).expanduser() / CACHE_KIND if self.cache_dir else None
         # Only utility kernels (those with a report) live in the cache; shards leave only tiles there.
         if set(report) - embedded and cache is not None and cache.is_dir():
             artifact.add_reference(cache.resolve().as_uri(), name="cache", checksum=False)  # by path: tiles are many

@@ -105,3 +105,13 @@ def test_scripts_default_cache_dir_is_the_configs(env_cache, monkeypatch):
         monkeypatch.setenv("DELIFT_CACHE_DIR", env_cache)
     configured = OmegaConf.load(Path(CONF_DIR) / "paths" / "default.yaml").cache_dir
     assert default_cache_dir() == Path(configured) == Path(env_cache or "/home/someone/.cache/delift")
+
+
+def test_a_cache_dir_under_home_is_expanded(tmp_path, monkeypatch):
+    from delift.cache import cache_folder
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    folder = cache_folder("~/delift-cache", "utility_kernel", "abc")
+    assert folder == tmp_path / "home" / "delift-cache" / "utility_kernel" / "abc" and folder.is_dir()
+    assert not (tmp_path / "~").exists()
