@@ -24,6 +24,7 @@ from typing import Annotated, Literal, get_args
 import numpy as np
 from sklearn.cluster import KMeans
 
+from delift.data.stages import proportional_quotas as split_proportionally
 from delift.errors import DeliftInputError
 from delift.embeddings import encode_records
 from delift.schema import Range
@@ -71,12 +72,8 @@ def proportional_quotas(sizes, budget: int) -> list[int]:
     """
     sizes = [int(s) for s in sizes]
     _check_budget(sizes, budget)
-    total = sum(sizes)
-    quotas = [budget * s // total for s in sizes]  # integer arithmetic: remainders compare exactly
-    by_remainder = sorted(range(len(sizes)), key=lambda c: (-(budget * sizes[c] % total), c))
-    for c in by_remainder[: budget - sum(quotas)]:
-        quotas[c] += 1
-    return quotas
+    quotas = split_proportionally(dict(enumerate(sizes)), budget)
+    return [quotas[c] for c in range(len(sizes))]
 
 
 def easy_hard_pick(distances: np.ndarray, members: np.ndarray, quota: int, alpha: float) -> tuple[list[int], list[int]]:
