@@ -137,6 +137,7 @@ class Run:
     # mode -> example id -> metric key -> score (predictions.jsonl; empty without it)
     examples: dict[str, dict[str, dict[str, float]]]
     example_sources: dict[str, str]  # example id -> evaluation source, where known
+    selection_report: dict | None = None  # results.json "selection_report": what the subset holds
 
 
 def _fraction_of(results: dict, path: Path) -> float:
@@ -232,7 +233,16 @@ def load_run(path: Path) -> Run | None:
                stage=results.get("stage"), model=results.get("model"), experiment=results.get("experiment"),
                n_pool=results.get("n_pool"), metrics_by_mode=by_mode, judge=results.get("judge"),
                embedder=_embedder_name(results), kernel=results.get("kernel"), examples=examples,
-               example_sources=example_sources)
+               example_sources=example_sources, selection_report=_selection_report(results, path))
+
+
+def _selection_report(results: dict, path: Path) -> dict | None:
+    report = results.get("selection_report")
+    if report is None:
+        return None
+    if not isinstance(report, dict) or not isinstance(report.get("sources", {}), dict):
+        raise DeliftInputError("expected an object with a 'sources' object", file=path, field="selection_report")
+    return report
 
 
 def _setting_text(config: dict, key: str) -> str:
@@ -685,6 +695,47 @@ def by_source_tables(by_method: dict[str, list[Run]], columns: list[tuple[str, s
                         f"{MISSING} = not measured.")}
 
 
+def subsets_table(by_method: dict[str, list[Run]]) -> dict | None:
+    """What each method's subsets hold, from the runs' selection reports: records per source (mean
+    over seeds), the median response length in tokens and, for DELIFT, the share of the objective
+    that is self-coverage and the overlap with the records of largest self-utility. None without
+    reports; Initial and Full Data (no choice made) are left out."""
+    sources: dict[str, int] = {}  # source -> its pool count, in the reports' order
+    pool_tokens = None
+    rows = []
+    for group in by_method.values():
+        reports = [run.selection_report for run in group if run.selection_report and run.selector not in FIXED_FRACTIONS]
+        if not reports:
+            continue
+        for report in reports:
+            for source, counts in report.get("sources", {}).items():
+                sources.setdefault(source, counts.get("pool"))
+            pool_tokens = pool_tokens or (report.get("response_tokens") or {}).get("pool", {}).get("p50")
+
+        def values(read):
+            return [value for report in reports if (value := read(report)) is not None]
+
+        rows.append(method_fields(group[0]) | {
+            "n_seeds": len(reports),
+            "counts": {source: summarize(values(lambda r, s=source: r.get("sources", {}).get(s, {}).get("subset", 0)))
+                       for source in sources},
+            "median_response_tokens": summarize(values(
+                lambda r: (r.get("response_tokens") or {}).get("subset", {}).get("p50"))),
+            "self_coverage_share": summarize(values(lambda r: r.get("self_coverage_share"))),
+            "diagonal_top_overlap": summarize(values(lambda r: r.get("diagonal_top_overlap")))})
+    if not rows:
+        return None
+    for row in rows:  # a source first seen in a later method's reports: none of it in the earlier ones
+        row["counts"] = {source: row["counts"].get(source) or summarize([0] * row["n_seeds"]) for source in sources}
+    return {"sources": [{"source": source, "pool": pool} for source, pool in sources.items()],
+            "pool_median_response_tokens": pool_tokens, "rows": rows,
+            "caption": ("What the subsets hold (each run's selection report): records per source, mean ± sample "
+                        "std over seeds (the pool's count in the header); the median response length in tokens; "
+                        "for DELIFT, the share of the facility-location value that is self-coverage (a record "
+                        "covering itself) and the share of the subset among the records of largest "
+                        f"self-utility; {MISSING} = not measured.")}
+
+
 def build_table(runs: list[Run], fraction: float | None, title: str | None = None, *,
                 resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
     """The main table as plain data: columns, rows with {mean, std, n} cells (table units), caption."""
@@ -713,6 +764,7 @@ def build_table(runs: list[Run], fraction: float | None, title: str | None = Non
             "rows": rows, "caption": make_caption(in_table, rows, columns, fraction), "paired": paired,
             "paired_by_fraction": paired_by_fraction(runs, resamples, seed),
             "by_source": by_source_tables(by_method, columns, resamples, seed),
+            "subsets": subsets_table(by_method),
             "sources": [str(run.path) for run in in_table]}
 
 
@@ -775,7 +827,37 @@ def to_markdown(table: dict) -> str:
                                   with_source=True)
             text += (f"\n**Paired differences vs Random per evaluation source** ({table['title']}).\n\n"
                      + "\n".join(grid) + "\n\n" + f"{by_source['vs_random']['caption']}\n")
+    subsets = table.get("subsets")
+    if subsets:
+        header, rows = subsets_grid(subsets, format_count, format_share)
+        lines = ["| " + " | ".join(header) + " |", "|:---|" + "---:|" * (len(header) - 1)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        text += f"\n**What the subsets hold** ({table['title']}).\n\n" + "\n".join(lines) + f"\n\n{subsets['caption']}\n"
     return text
+
+
+def subsets_grid(subsets: dict, count_cell, share_cell) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the subsets table, each cell formatted by `count_cell` / `share_cell`."""
+    pool_tokens = subsets["pool_median_response_tokens"]
+    header = (["Method"] + [f"{s['source']} (pool {s['pool']})" for s in subsets["sources"]]
+              + [f"Median response tokens (pool {pool_tokens:g})" if pool_tokens is not None
+                 else "Median response tokens", "Self-coverage share", "Top-of-diagonal overlap"])
+    rows = [[row["name"]] + [count_cell(row["counts"][s["source"]]) for s in subsets["sources"]]
+            + [count_cell(row["median_response_tokens"]), share_cell(row["self_coverage_share"]),
+               share_cell(row["diagonal_top_overlap"])] for row in subsets["rows"]]
+    return header, rows
+
+
+def format_count(cell: dict | None) -> str:
+    if cell is None:
+        return MISSING
+    return f"{cell['mean']:.1f}" if cell["std"] is None else f"{cell['mean']:.1f} ± {cell['std']:.1f}"
+
+
+def format_share(cell: dict | None) -> str:
+    if cell is None:
+        return MISSING
+    return f"{cell['mean']:.2f}" if cell["std"] is None else f"{cell['mean']:.2f} ± {cell['std']:.2f}"
 
 
 LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -824,6 +906,17 @@ def to_latex(table: dict, label: str = "results") -> str:
             text += _latex_table(by_source["columns"], by_source["vs_random"]["rows"], _latex_difference,
                                  f"{table['title']}: paired differences vs Random per evaluation source.",
                                  by_source["vs_random"]["caption"], f"{label}-by-source-vs-random", with_source=True)
+    subsets = table.get("subsets")
+    if subsets:
+        header, rows = subsets_grid(subsets, format_count, format_share)
+        lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}",
+                 r"\toprule", " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule"]
+        lines += [" & ".join(latex_escape(cell) for cell in row) + r" \\" for row in rows]
+        safe_label = re.sub(r"[^A-Za-z0-9:_-]", "-", f"{label}-subsets")
+        lines += [r"\bottomrule", r"\end{tabular}",
+                  rf"\caption{{\textbf{{{latex_escape(table['title'] + ': what the subsets hold.')}}} "
+                  rf"{latex_escape(subsets['caption'])}}}", rf"\label{{tab:{safe_label}}}", r"\end{table}"]
+        text += "\n".join(lines) + "\n"
     return text
 
 

@@ -626,3 +626,44 @@ def test_embedding_column_named_by_the_embedder_used(tmp_path):
     assert [column["metric"] for column in table["columns"]] == ["ROUGE", "BGE"]
     assert "BGE = cosine similarity of sentence embeddings (BAAI/bge-large-en-v1.5)" in table["caption"]
     assert table["units"].startswith("ROUGE, BGE, ")
+
+
+def _report(subset: dict, pool: dict, p50: float, **delift) -> dict:
+    n = sum(pool.values())
+    return {"n_pool": n, "n_selected": sum(subset.values()),
+            "sources": {s: {"pool": pool[s], "pool_share": pool[s] / n, "subset": subset.get(s, 0)} for s in pool},
+            "response_tokens": {"pool": {"p50": 4.0}, "subset": {"p50": p50}}} | delift
+
+
+def test_what_the_subsets_hold_per_method(tmp_path):
+    root, pool = tmp_path / "runs", {"trivia": 6, "gsm8k": 4}
+    _write_run(root / "0", "random", 0, 0.3, finetune=_metrics(0.4, 0.8),
+               selection_report=_report({"trivia": 2, "gsm8k": 1}, pool, 3.0))
+    _write_run(root / "1", "random", 1, 0.3, finetune=_metrics(0.4, 0.8),
+               selection_report=_report({"trivia": 3}, pool, 5.0))
+    _write_run(root / "2", "delift", 0, 0.3, finetune=_metrics(0.4, 0.8),
+               selection_report=_report({"gsm8k": 3}, pool, 40.0, self_coverage_share=0.25,
+                                        diagonal_top_overlap=2 / 3))
+    _write_run(root / "3", "initial", 0, 0.3, finetune=_metrics(0.3, 0.7), selection_report=_report({}, pool, 4.0))
+    _write_run(root / "4", "longest", 0, 0.3, finetune=_metrics(0.4, 0.8))  # an older run: no report
+    out = tmp_path / "results" / "mix"
+    assert make_tables.main([str(root), "--out", str(out), "--bootstrap", "100"]) == 0
+    subsets = json.loads(out.with_name("mix.json").read_text())["subsets"]
+    assert subsets["sources"] == [{"source": "trivia", "pool": 6}, {"source": "gsm8k", "pool": 4}]
+    assert [row["name"] for row in subsets["rows"]] == ["Random", "DELIFT"]  # Initial chose nothing
+    random_row = subsets["rows"][0]
+    assert random_row["counts"]["trivia"] == {"mean": 2.5, "std": pytest.approx(0.5 ** 0.5), "n": 2}
+    assert random_row["counts"]["gsm8k"] == {"mean": 0.5, "std": pytest.approx(0.5 ** 0.5), "n": 2}
+    assert random_row["self_coverage_share"] is None
+    markdown = out.with_name("mix.md").read_text()
+    assert ("| Method | trivia (pool 6) | gsm8k (pool 4) | Median response tokens (pool 4) | Self-coverage share "
+            "| Top-of-diagonal overlap |") in markdown
+    assert "| Random | 2.5 ± 0.7 | 0.5 ± 0.7 | 4.0 ± 1.4 | – | – |" in markdown
+    assert "| DELIFT | 0.0 | 3.0 | 40.0 | 0.25 | 0.67 |" in markdown
+    assert r"\label{tab:mix-subsets}" in out.with_name("mix.tex").read_text()
+
+
+def test_a_selection_report_that_is_not_an_object_names_the_file(tmp_path):
+    _write_run(tmp_path / "runs" / "0", "random", 0, 0.3, finetune=_metrics(0.4, 0.8), selection_report=[1, 2])
+    with pytest.raises(make_tables.DeliftInputError, match="0/results.json.*selection_report"):
+        make_tables.collect_runs([tmp_path / "runs"])
