@@ -1082,6 +1082,39 @@ def plot_budget(curves: dict, path: Path) -> Path:
     return path
 
 
+def plot_subsets(subsets: dict, title: str, path: Path) -> Path:
+    """One stacked bar per method: its records per pool source (mean over seeds), under a bar of the
+    pool's mix scaled to the same subset size, so a lopsided subset shows at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sources = [entry["source"] for entry in subsets["sources"]]
+    names = [row["name"] for row in subsets["rows"]]
+    counts = np.array([[row["counts"][source]["mean"] for source in sources] for row in subsets["rows"]])
+    pool = np.array([entry["pool"] or 0 for entry in subsets["sources"]], dtype=float)
+    size = counts.sum(axis=1).max()
+    bars = np.vstack([pool * size / pool.sum(), counts]) if pool.sum() else counts
+    labels = ([f"Pool's mix (scaled to {size:g})"] if pool.sum() else []) + names
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(labels) + 2.0))
+    left = np.zeros(len(labels))
+    for k, source in enumerate(sources):
+        ax.barh(labels, bars[:, k], left=left, label=source)
+        for y, (start, width) in enumerate(zip(left, bars[:, k])):
+            if width >= 1.5:
+                ax.text(start + width / 2, y, f"{width:.0f}", ha="center", va="center", fontsize="x-small")
+        left += bars[:, k]
+    ax.invert_yaxis()
+    ax.set_xlabel("records in the subset (mean over seeds)")
+    fig.suptitle("\n".join(textwrap.wrap(title, 90)), fontsize="medium")
+    ax.legend(fontsize="small", ncols=len(sources), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def grid_commands(runs: list[Run]) -> list[str]:
     """The `run.py -m` command of each Hydra multirun the runs come from, rebuilt from its multirun.yaml."""
     commands = []
@@ -1111,6 +1144,9 @@ def write_outputs(table: dict, curves: dict | None, out: Path) -> list[Path]:
         written.append(path)
     if curves is not None:
         written.append(plot_budget(curves, out.with_name(out.name + "_budget.png")))
+    if table.get("subsets"):
+        written.append(plot_subsets(table["subsets"], f"What the subsets hold: {table['title']}",
+                                    out.with_name(out.name + "_subsets.png")))
     return written
 
 

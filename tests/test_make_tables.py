@@ -661,6 +661,7 @@ def test_what_the_subsets_hold_per_method(tmp_path):
     assert "| Random | 2.5 ± 0.7 | 0.5 ± 0.7 | 4.0 ± 1.4 | – | – |" in markdown
     assert "| DELIFT | 0.0 | 3.0 | 40.0 | 0.25 | 0.67 |" in markdown
     assert r"\label{tab:mix-subsets}" in out.with_name("mix.tex").read_text()
+    assert out.with_name("mix_subsets.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_a_selection_report_that_is_not_an_object_names_the_file(tmp_path):
