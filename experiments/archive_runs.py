@@ -21,10 +21,12 @@ import argparse
 import shutil
 from pathlib import Path
 
+from delift.cache import cache_folder
+from delift.utility.tiles import CACHE_KIND as KERNEL_KIND
+
 JOB_FILES = ("results.json", "predictions.jsonl", "selection.json", "config_resolved.yaml")
 SWEEP_FILES = ("multirun.yaml",)
 KERNEL_FILES = ("kernel.npy", "key.json")
-KERNEL_KIND = "utility_kernel"
 
 
 def copy_files(source: Path, target: Path, names) -> int:
@@ -65,7 +67,7 @@ def save_kernel(folder: Path, archive: Path) -> None:
 
 def restore_kernel(archive: Path, cache_dir: Path) -> Path:
     key = (archive / "cache_key").read_text(encoding="utf-8").strip()
-    folder = cache_dir.expanduser() / KERNEL_KIND / key
+    folder = cache_folder(cache_dir, KERNEL_KIND, key)
     copy_files(archive, folder, KERNEL_FILES)
     return folder
 
