@@ -700,33 +700,32 @@ def subsets_table(by_method: dict[str, list[Run]]) -> dict | None:
     over seeds), the median response length in tokens and, for DELIFT, the share of the objective
     that is self-coverage and the overlap with the records of largest self-utility. None without
     reports; Initial and Full Data (no choice made) are left out."""
+    reports = {method: [run.selection_report for run in group
+                        if run.selection_report and run.selector not in FIXED_FRACTIONS]
+               for method, group in by_method.items()}
+    reports = {method: found for method, found in reports.items() if found}
+    if not reports:
+        return None
+    every = [report for found in reports.values() for report in found]
     sources: dict[str, int] = {}  # source -> its pool count, in the reports' order
-    pool_tokens = None
+    for report in every:
+        for source, counts in report.get("sources", {}).items():
+            sources.setdefault(source, counts.get("pool"))
+    pool_tokens = next((tokens for report in every
+                        if (tokens := (report.get("response_tokens") or {}).get("pool", {}).get("p50")) is not None), None)
     rows = []
-    for group in by_method.values():
-        reports = [run.selection_report for run in group if run.selection_report and run.selector not in FIXED_FRACTIONS]
-        if not reports:
-            continue
-        for report in reports:
-            for source, counts in report.get("sources", {}).items():
-                sources.setdefault(source, counts.get("pool"))
-            pool_tokens = pool_tokens or (report.get("response_tokens") or {}).get("pool", {}).get("p50")
-
+    for method, found in reports.items():
         def values(read):
-            return [value for report in reports if (value := read(report)) is not None]
+            return [value for report in found if (value := read(report)) is not None]
 
-        rows.append(method_fields(group[0]) | {
-            "n_seeds": len(reports),
+        rows.append(method_fields(by_method[method][0]) | {
+            "n_seeds": len(found),
             "counts": {source: summarize(values(lambda r, s=source: r.get("sources", {}).get(s, {}).get("subset", 0)))
                        for source in sources},
             "median_response_tokens": summarize(values(
                 lambda r: (r.get("response_tokens") or {}).get("subset", {}).get("p50"))),
             "self_coverage_share": summarize(values(lambda r: r.get("self_coverage_share"))),
             "diagonal_top_overlap": summarize(values(lambda r: r.get("diagonal_top_overlap")))})
-    if not rows:
-        return None
-    for row in rows:  # a source first seen in a later method's reports: none of it in the earlier ones
-        row["counts"] = {source: row["counts"].get(source) or summarize([0] * row["n_seeds"]) for source in sources}
     return {"sources": [{"source": source, "pool": pool} for source, pool in sources.items()],
             "pool_median_response_tokens": pool_tokens, "rows": rows,
             "caption": ("What the subsets hold (each run's selection report): records per source, mean ± sample "
@@ -768,12 +767,12 @@ def build_table(runs: list[Run], fraction: float | None, title: str | None = Non
             "sources": [str(run.path) for run in in_table]}
 
 
-def format_cell(cell: dict | None) -> str:
+def format_cell(cell: dict | None, digits: int = 2) -> str:
     if cell is None:
         return MISSING
     if cell["std"] is None:
-        return f"{cell['mean']:.2f}"
-    return f"{cell['mean']:.2f} ± {cell['std']:.2f}"
+        return f"{cell['mean']:.{digits}f}"
+    return f"{cell['mean']:.{digits}f} ± {cell['std']:.{digits}f}"
 
 
 MARKS = {"better": BETTER, "worse": WORSE, None: ""}
@@ -794,14 +793,19 @@ def _row_labels(with_source: bool) -> list[str]:
     return ["name", "source"] if with_source else ["name"]
 
 
+def _markdown_lines(header: list[str], rows: list[list[str]], n_labels: int) -> list[str]:
+    """A Markdown table: the first `n_labels` columns left-aligned, the numbers right-aligned."""
+    align = [":---"] * n_labels + ["---:"] * (len(header) - n_labels)
+    return (["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+            + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def _markdown_grid(columns: list[dict], rows: list[dict], format_row_cell, with_source: bool = False) -> list[str]:
     labels = _row_labels(with_source)
     header = ["Method", "Source"][:len(labels)] + [f"{c['mode']} {c['metric']}" for c in columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([":---"] * len(labels) + ["---:"] * len(columns)) + "|"]
-    for row in rows:
-        cells = [format_row_cell(row["cells"][c["key"]]) for c in columns]
-        lines.append("| " + " | ".join([row[label] for label in labels] + cells) + " |")
-    return lines
+    return _markdown_lines(header, [[row[label] for label in labels]
+                                    + [format_row_cell(row["cells"][c["key"]]) for c in columns] for row in rows],
+                           len(labels))
 
 
 def to_markdown(table: dict) -> str:
@@ -829,35 +833,22 @@ def to_markdown(table: dict) -> str:
                      + "\n".join(grid) + "\n\n" + f"{by_source['vs_random']['caption']}\n")
     subsets = table.get("subsets")
     if subsets:
-        header, rows = subsets_grid(subsets, format_count, format_share)
-        lines = ["| " + " | ".join(header) + " |", "|:---|" + "---:|" * (len(header) - 1)]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
-        text += f"\n**What the subsets hold** ({table['title']}).\n\n" + "\n".join(lines) + f"\n\n{subsets['caption']}\n"
+        header, rows = subsets_grid(subsets)
+        text += (f"\n**What the subsets hold** ({table['title']}).\n\n" + "\n".join(_markdown_lines(header, rows, 1))
+                 + f"\n\n{subsets['caption']}\n")
     return text
 
 
-def subsets_grid(subsets: dict, count_cell, share_cell) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the subsets table, each cell formatted by `count_cell` / `share_cell`."""
+def subsets_grid(subsets: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted rows of the subsets table: counts to one decimal, shares to two."""
     pool_tokens = subsets["pool_median_response_tokens"]
     header = (["Method"] + [f"{s['source']} (pool {s['pool']})" for s in subsets["sources"]]
               + [f"Median response tokens (pool {pool_tokens:g})" if pool_tokens is not None
                  else "Median response tokens", "Self-coverage share", "Top-of-diagonal overlap"])
-    rows = [[row["name"]] + [count_cell(row["counts"][s["source"]]) for s in subsets["sources"]]
-            + [count_cell(row["median_response_tokens"]), share_cell(row["self_coverage_share"]),
-               share_cell(row["diagonal_top_overlap"])] for row in subsets["rows"]]
+    rows = [[row["name"]] + [format_cell(row["counts"][s["source"]], 1) for s in subsets["sources"]]
+            + [format_cell(row["median_response_tokens"], 1), format_cell(row["self_coverage_share"]),
+               format_cell(row["diagonal_top_overlap"])] for row in subsets["rows"]]
     return header, rows
-
-
-def format_count(cell: dict | None) -> str:
-    if cell is None:
-        return MISSING
-    return f"{cell['mean']:.1f}" if cell["std"] is None else f"{cell['mean']:.1f} ± {cell['std']:.1f}"
-
-
-def format_share(cell: dict | None) -> str:
-    if cell is None:
-        return MISSING
-    return f"{cell['mean']:.2f}" if cell["std"] is None else f"{cell['mean']:.2f} ± {cell['std']:.2f}"
 
 
 LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -908,15 +899,10 @@ def to_latex(table: dict, label: str = "results") -> str:
                                  by_source["vs_random"]["caption"], f"{label}-by-source-vs-random", with_source=True)
     subsets = table.get("subsets")
     if subsets:
-        header, rows = subsets_grid(subsets, format_count, format_share)
-        lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}",
-                 r"\toprule", " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule"]
-        lines += [" & ".join(latex_escape(cell) for cell in row) + r" \\" for row in rows]
-        safe_label = re.sub(r"[^A-Za-z0-9:_-]", "-", f"{label}-subsets")
-        lines += [r"\bottomrule", r"\end{tabular}",
-                  rf"\caption{{\textbf{{{latex_escape(table['title'] + ': what the subsets hold.')}}} "
-                  rf"{latex_escape(subsets['caption'])}}}", rf"\label{{tab:{safe_label}}}", r"\end{table}"]
-        text += "\n".join(lines) + "\n"
+        header, rows = subsets_grid(subsets)
+        text += _latex_float("l" + "r" * (len(header) - 1), [" & ".join(latex_escape(h) for h in header) + r" \\"],
+                             [" & ".join(latex_escape(cell) for cell in row) + r" \\" for row in rows],
+                             f"{table['title']}: what the subsets hold.", subsets["caption"], f"{label}-subsets")
     return text
 
 
@@ -929,22 +915,23 @@ def _latex_table(columns: list[dict], rows: list[dict], format_row_cell, title: 
             spans[-1][2] = index
         else:
             spans.append([column["mode"], index, index])
-    lines = [r"\begin{table}[t]", r"\centering",
-             r"\begin{tabular}{" + "l" * len(labels)
-             + "".join(" " + "c" * (last - first + 1) for _, first, last in spans) + "}",
-             r"\toprule",
-             " & " * len(labels) + " & ".join(rf"\multicolumn{{{last - first + 1}}}{{c}}{{{latex_escape(mode)}}}"
-                                              for mode, first, last in spans) + r" \\",
-             " ".join(rf"\cmidrule(lr){{{first}-{last}}}" for _, first, last in spans),
-             " & ".join(["Method", "Source"][:len(labels)] + [latex_escape(c["metric"]) for c in columns]) + r" \\",
-             r"\midrule"]
-    for row in rows:
-        cells = [format_row_cell(row["cells"][c["key"]]) for c in columns]
-        lines.append(" & ".join([latex_escape(row[label]) for label in labels] + cells) + r" \\")
+    spec = "l" * len(labels) + "".join(" " + "c" * (last - first + 1) for _, first, last in spans)
+    head = [" & " * len(labels) + " & ".join(rf"\multicolumn{{{last - first + 1}}}{{c}}{{{latex_escape(mode)}}}"
+                                             for mode, first, last in spans) + r" \\",
+            " ".join(rf"\cmidrule(lr){{{first}-{last}}}" for _, first, last in spans),
+            " & ".join(["Method", "Source"][:len(labels)] + [latex_escape(c["metric"]) for c in columns]) + r" \\"]
+    body = [" & ".join([latex_escape(row[label]) for label in labels]
+                       + [format_row_cell(row["cells"][c["key"]]) for c in columns]) + r" \\" for row in rows]
+    return _latex_float(spec, head, body, title, caption, label)
+
+
+def _latex_float(spec: str, head: list[str], body: list[str], title: str, caption: str, label: str) -> str:
+    """A booktabs table float: column spec, header lines, body lines, bold title, caption and label."""
     safe_label = re.sub(r"[^A-Za-z0-9:_-]", "-", label)
-    lines += [r"\bottomrule", r"\end{tabular}",
-              rf"\caption{{\textbf{{{latex_escape(title)}}} {latex_escape(caption)}}}",
-              rf"\label{{tab:{safe_label}}}", r"\end{table}"]
+    lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{" + spec + "}", r"\toprule", *head, r"\midrule",
+             *body, r"\bottomrule", r"\end{tabular}",
+             rf"\caption{{\textbf{{{latex_escape(title)}}} {latex_escape(caption)}}}",
+             rf"\label{{tab:{safe_label}}}", r"\end{table}"]
     return "\n".join(lines) + "\n"
 
 
