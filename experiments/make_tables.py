@@ -730,9 +730,10 @@ def subsets_table(by_method: dict[str, list[Run]]) -> dict | None:
             "pool_median_response_tokens": pool_tokens, "rows": rows,
             "caption": ("What the subsets hold (each run's selection report): records per source, mean ± sample "
                         "std over seeds (the pool's count in the header); the median response length in tokens; "
-                        "for DELIFT, the share of the facility-location value that is self-coverage (a record "
-                        "covering itself) and the share of the subset among the records of largest "
-                        f"self-utility; {MISSING} = not measured.")}
+                        "for DELIFT, the share of the objective's value that is self-coverage (a record "
+                        "covering itself), read with every record's own entry included as the reference code "
+                        "reads it, also for the rows that exclude it from selection, and the share of the subset "
+                        f"among the records of largest self-utility; {MISSING} = not measured.")}
 
 
 def build_table(runs: list[Run], fraction: float | None, title: str | None = None, *,
@@ -1110,10 +1111,20 @@ def grid_commands(runs: list[Run]) -> list[str]:
         if not saved.is_file():
             continue
         overrides = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("hydra", {}).get("overrides", {})
-        hydra_overrides = [o for o in overrides.get("hydra", []) if o != "hydra.mode=MULTIRUN"]
+        hydra_overrides = [_portable_sweep_dir(o) for o in overrides.get("hydra", []) if o != "hydra.mode=MULTIRUN"]
         arguments = [*overrides.get("task", []), *hydra_overrides]
         commands.append("python run.py -m " + shlex.join(arguments))
     return list(dict.fromkeys(commands))
+
+
+def _portable_sweep_dir(override: str) -> str:
+    """`hydra.sweep.dir=<absolute path under the working directory>` made relative to it: the published
+    command then runs from any checkout, not only from the machine that made the grid."""
+    key, _, value = override.partition("=")
+    if key != "hydra.sweep.dir" or not Path(value).is_absolute():
+        return override
+    path, here = Path(value), Path.cwd()
+    return f"{key}={path.relative_to(here)}" if path.is_relative_to(here) else override
 
 
 def write_outputs(table: dict, curves: dict | None, out: Path) -> list[Path]:
