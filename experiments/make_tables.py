@@ -1113,8 +1113,16 @@ def grid_commands(runs: list[Run]) -> list[str]:
         overrides = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("hydra", {}).get("overrides", {})
         hydra_overrides = [_portable_sweep_dir(o) for o in overrides.get("hydra", []) if o != "hydra.mode=MULTIRUN"]
         arguments = [*overrides.get("task", []), *hydra_overrides]
-        commands.append("python run.py -m " + shlex.join(arguments))
+        commands.append("python run.py -m " + " ".join(map(_shell_word, arguments)))
     return list(dict.fromkeys(commands))
+
+
+def _shell_word(argument: str) -> str:
+    """shlex.quote, but an argument holding single quotes (Hydra's quoted sweep values, such as
+    `hydra.sweeper.params.selector='a,b'`) in double quotes, which reads as it was typed."""
+    if "'" in argument and not any(char in argument for char in '"$`\\!'):
+        return f'"{argument}"'
+    return shlex.quote(argument)
 
 
 def _portable_sweep_dir(override: str) -> str:

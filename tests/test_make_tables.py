@@ -211,10 +211,11 @@ def test_outputs_end_with_the_grid_and_table_commands(grid, tmp_path):
     (sweep_dir / "multirun.yaml").write_text(
         "hydra:\n  overrides:\n    hydra: [hydra/launcher=joblib, hydra.mode=MULTIRUN,"
         f" 'hydra.sweep.dir={Path.cwd() / 'outputs' / 'grid'}']\n"
-        "    task: [+experiment=mix, 'seed=0,1,2', run.name=two words]\n")
+        "    task: [+experiment=mix, 'seed=0,1,2', run.name=two words, \"selector='random,full'\"]\n")
     out = tmp_path / "results" / "mix"
     assert make_tables.main([str(grid), "--out", str(out), "--fraction", "0.3"]) == 0
-    grid_command = ("python run.py -m +experiment=mix seed=0,1,2 'run.name=two words' hydra/launcher=joblib"
+    grid_command = ("python run.py -m +experiment=mix seed=0,1,2 'run.name=two words' \"selector='random,full'\""
+                    " hydra/launcher=joblib"
                     " hydra.sweep.dir=outputs/grid")
     table_command = f"python experiments/make_tables.py {grid} --out {out} --fraction 0.3"
     assert json.loads(out.with_name("mix.json").read_text())["commands"] == {
