@@ -1129,10 +1129,10 @@ def _portable_sweep_dir(override: str) -> str:
     """`hydra.sweep.dir=<absolute path under the working directory>` made relative to it: the published
     command then runs from any checkout, not only from the machine that made the grid."""
     key, _, value = override.partition("=")
-    if key != "hydra.sweep.dir" or not Path(value).is_absolute():
-        return override
     path, here = Path(value), Path.cwd()
-    return f"{key}={path.relative_to(here)}" if path.is_relative_to(here) else override
+    if key != "hydra.sweep.dir" or not path.is_relative_to(here):  # a relative path is never under an absolute one
+        return override
+    return f"{key}={path.relative_to(here)}"
 
 
 def write_outputs(table: dict, curves: dict | None, out: Path) -> list[Path]:
